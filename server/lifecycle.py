@@ -1,0 +1,85 @@
+"""Start-up, serving, and graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+import tornado.httpserver
+import tornado.netutil
+
+from server.app import Application, build_application
+from server.settings import Settings
+from server.socketio_server import MAX_FRAME_BYTES
+
+log = logging.getLogger("aichat")
+
+# Reap connections that sit idle between requests, or trickle a request body.
+IDLE_CONNECTION_TIMEOUT_SECONDS = 75
+BODY_TIMEOUT_SECONDS = 30
+
+
+def describe(app: Application, address: str) -> str:
+    provider = app.provider
+    if provider.name == "demo":
+        ai = "AI provider demo (demo mode: no model configured; set OPENAI_API_KEY or OPENAI_BASE_URL)"
+    else:
+        ai = f"AI provider openai, model {provider.model} at {getattr(provider, 'base_url', '')}"
+    return f"listening on http://{address} | {ai} | store {app.store.description}"
+
+
+@dataclass
+class RunningServer:
+    app: Application
+    http: tornado.httpserver.HTTPServer
+    port: int
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Refuse new chats, give answers in flight ``grace_seconds``, then close everything."""
+        try:
+            await self.app.chat.shutdown(grace_seconds)
+            self.http.stop()
+            await self.app.sio.shutdown()
+            await asyncio.wait_for(self.http.close_all_connections(), timeout=5)
+        except TimeoutError:
+            log.warning("some connections did not close in time")
+        finally:
+            await self.app.close()
+
+
+async def start_server(settings: Settings) -> RunningServer:
+    app = build_application(settings)
+    await app.open()
+    http = tornado.httpserver.HTTPServer(
+        app.web,
+        xheaders=settings.server.trust_proxy_headers,
+        # the chat endpoint enforces max_body_bytes itself (413); this caps the rest
+        max_body_size=max(settings.server.max_body_bytes, MAX_FRAME_BYTES) + 65536,
+        idle_connection_timeout=IDLE_CONNECTION_TIMEOUT_SECONDS,
+        body_timeout=BODY_TIMEOUT_SECONDS,
+    )
+    host = settings.server.host
+    sockets = tornado.netutil.bind_sockets(
+        settings.server.port, host, family=socket.AF_UNSPEC if ":" in host else socket.AF_INET
+    )
+    http.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    log.info(describe(app, f"{host}:{port}"))
+    return RunningServer(app, http, port)
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully. Returns the exit code."""
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down: no new chats; up to %gs for answers in flight", settings.server.shutdown_grace_seconds)
+    await running.shutdown(settings.server.shutdown_grace_seconds)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,99 @@
+"""Chat Completions streaming through the official SDK, for OpenAI or any compatible server.
+
+The SDK sends the request (auth, retries with backoff on connect errors, 429 and 5xx
+before any byte of the answer, error mapping) and we read the raw SSE lines ourselves:
+the SDK's typed per-chunk objects cost several times more CPU than the relay itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx2
+import openai
+
+from services.ai.base import UsageReport
+from services.errors import UpstreamError
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str,
+        model: str,
+        timeout_seconds: float,
+        max_retries: int,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url or OPENAI_DEFAULT_BASE_URL
+        self._client = openai.AsyncOpenAI(
+            # local OpenAI-compatible servers need no key, but the SDK insists on one
+            api_key=api_key or "not-needed",
+            base_url=self.base_url,
+            timeout=timeout_seconds,  # connect, and every read: a stalled stream times out
+            max_retries=max_retries,
+            http_client=openai.DefaultAioHttpClient(timeout=timeout_seconds),
+        )
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def stream(self, messages: list[dict[str, str]], usage: UsageReport) -> AsyncIterator[str]:
+        try:
+            async with self._client.chat.completions.with_streaming_response.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+            ) as response:
+                finished = False
+                async for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        finished = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise UpstreamError("upstream_error", f"error in stream: {chunk['error']!r}"[:500])
+                    choices = chunk.get("choices")
+                    if choices:
+                        choice = choices[0]
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            yield content
+                        if choice.get("finish_reason"):
+                            finished = True
+                    if chunk.get("usage"):
+                        usage.tokens = _usage_counts(chunk["usage"])
+                if not finished:
+                    raise UpstreamError("upstream_error", "stream ended without [DONE] or a finish_reason")
+        except UpstreamError:
+            raise
+        except openai.APITimeoutError as exc:
+            raise UpstreamError("timeout", f"request timed out: {exc}") from exc
+        except openai.APIStatusError as exc:
+            raise UpstreamError("upstream_error", f"HTTP {exc.status_code} from {self.base_url}") from exc
+        except openai.APIError as exc:
+            raise UpstreamError("upstream_error", f"{type(exc).__name__}: {exc}") from exc
+        except httpx2.ReadTimeout as exc:
+            raise UpstreamError("timeout", "no data from upstream within the timeout") from exc
+        except (httpx2.HTTPError, httpx2.StreamError) as exc:
+            raise UpstreamError("upstream_error", f"{type(exc).__name__}: {exc}") from exc
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise UpstreamError("upstream_error", f"malformed stream data: {exc}") from exc
+
+
+def _usage_counts(raw: object) -> dict[str, int] | None:
+    if not isinstance(raw, dict):
+        return None
+    counts = {k: v for k, v in raw.items() if k.endswith("_tokens") and isinstance(v, int)}
+    return counts or None

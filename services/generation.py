@@ -1,0 +1,99 @@
+"""One answer being generated, decoupled from the clients watching it.
+
+A generation runs as its own task owned by the chat service; transports attach
+listeners to it. A client that goes away only detaches its listener, so the answer can
+be finished and stored (`on_client_disconnect = finish`), and a client that comes back
+can re-attach from where it was (resume).
+
+Positions: ``seq`` of a delta is the length of the answer, in characters, once that
+delta is added. It rises with every non-empty delta, and a client resuming "after seq N"
+gets exactly ``text[N:]``, from memory while generating or from the store afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.errors import ChatError
+
+# Bounds the in-memory buffer of one answer; an upstream that goes past it is cut off.
+MAX_ANSWER_CHARS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a generation ended."""
+
+    status: str  # complete | partial | error (the stored message status)
+    text: str
+    error: ChatError | None = None
+    cancelled: bool = False
+
+
+class GenerationListener(Protocol):
+    def on_delta(self, generation: Generation, seq: int, text: str) -> None:
+        """Called synchronously for each delta (or a replayed run of them); must not block."""
+
+    def on_end(self, generation: Generation, outcome: Outcome) -> None:
+        """Called once, after the last delta."""
+
+
+class Generation:
+    __slots__ = (
+        "session_id", "message_id", "owner", "deltas", "length", "listeners", "outcome",
+        "task", "cancel_requested", "created_at",
+    )
+
+    def __init__(self, session_id: str, message_id: str, owner: str | None, created_at: float) -> None:
+        self.session_id = session_id
+        self.message_id = message_id
+        self.owner = owner
+        self.created_at = created_at
+        self.deltas: list[str] = []
+        self.length = 0
+        self.listeners: list[GenerationListener] = []
+        self.outcome: Outcome | None = None
+        self.task: asyncio.Task[None] | None = None
+        #: why a cancel was asked for: "user", "disconnect" or "shutdown"
+        self.cancel_requested: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+    def publish(self, delta: str) -> None:
+        self.deltas.append(delta)
+        self.length += len(delta)
+        for listener in self.listeners:
+            listener.on_delta(self, self.length, delta)
+
+    def end(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener.on_end(self, outcome)
+
+    def attach(self, listener: GenerationListener, after_seq: int = 0) -> None:
+        """Start delivering to ``listener``, first replaying what came after ``after_seq``."""
+        if after_seq < self.length:
+            listener.on_delta(self, self.length, self.text[after_seq:])
+        if self.outcome is not None:
+            listener.on_end(self, self.outcome)
+        else:
+            self.listeners.append(listener)
+
+    def detach(self, listener: GenerationListener) -> int:
+        """Stop delivering to ``listener``; returns how many listeners are left."""
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+        return len(self.listeners)
+
+    def cancel(self, reason: str) -> bool:
+        if self.task is None or self.task.done() or self.outcome is not None:
+            return False
+        if self.cancel_requested is None:
+            self.cancel_requested = reason
+            self.task.cancel()
+        return True
