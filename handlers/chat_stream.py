@@ -31,6 +31,8 @@ class SseHandler(ApiHandler):
         self._transforms = [t for t in self._transforms if not isinstance(t, tornado.web.GZipContentEncoding)]
         for name, value in SSE_HEADERS.items():
             self.set_header(name, value)
+        # small frames must leave at once, not wait for Nagle's algorithm
+        self.request.connection.stream.set_nodelay(True)  # type: ignore[union-attr]
 
     def on_connection_close(self) -> None:
         if self.writer is not None:

@@ -36,9 +36,13 @@ class RunningServer:
     app: Application
     http: tornado.httpserver.HTTPServer
     port: int
+    stopped: bool = False
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Refuse new chats, give answers in flight ``grace_seconds``, then close everything."""
+        if self.stopped:
+            return
+        self.stopped = True
         try:
             await self.app.chat.shutdown(grace_seconds)
             self.http.stop()

@@ -31,7 +31,7 @@ from services.store.base import (
 )
 from services.store.mongo_store import MongoStore
 from services.store.sqlite_store import SqliteStore
-from tests.mongo_server import mongodb_uri, new_database_name  # noqa: F401  (fixture, until conftest has it)
+from tests.mongo_server import new_database_name
 
 # millisecond precision: MongoDB keeps no more
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)

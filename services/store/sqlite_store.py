@@ -88,6 +88,7 @@ class SqliteStore(ChatStore):
         self.description = f"sqlite at {self._path}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._connection: sqlite3.Connection | None = None
+        self._closed = False
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def in_thread() -> T:
@@ -99,6 +100,8 @@ class SqliteStore(ChatStore):
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite: {exc}") from exc
 
+        if self._closed:  # close() stopped the thread: nothing can run any more
+            raise StoreError("the store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
 
     async def open(self) -> None:
@@ -119,6 +122,10 @@ class SqliteStore(ChatStore):
         await asyncio.get_running_loop().run_in_executor(self._executor, connect)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
         def disconnect() -> None:
             if self._connection is not None:
                 self._connection.close()
