@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from handlers.api_base import ApiHandler
 from services.errors import ChatError
 from services.store.base import MessageRecord, SessionRecord
-
-from handlers.api_base import ApiHandler
 
 
 def _iso(moment) -> str:  # type: ignore[no-untyped-def]

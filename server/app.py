@@ -38,9 +38,10 @@ class Application:
         await self.store.close()
 
 
-def build_application(settings: Settings) -> Application:
+def build_application(settings: Settings, store: ChatStore | None = None) -> Application:
+    """Assemble everything from ``settings``; ``store`` replaces the configured one (tests)."""
     provider = build_provider(settings)
-    store = build_store(settings)
+    store = store if store is not None else build_store(settings)
     chat = build_chat_service(settings, provider, store)
     sio, socketio_handler = build_socketio(settings, chat)
     server = settings.server

@@ -14,6 +14,7 @@ import tornado.netutil
 from server.app import Application, build_application
 from server.settings import Settings
 from server.socketio_server import MAX_FRAME_BYTES
+from services.store.base import ChatStore
 
 log = logging.getLogger("aichat")
 
@@ -54,8 +55,8 @@ class RunningServer:
             await self.app.close()
 
 
-async def start_server(settings: Settings) -> RunningServer:
-    app = build_application(settings)
+async def start_server(settings: Settings, store: ChatStore | None = None) -> RunningServer:
+    app = build_application(settings, store)
     await app.open()
     http = tornado.httpserver.HTTPServer(
         app.web,

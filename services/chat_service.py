@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from services.ai.base import ChatProvider, UsageReport
 from services.auth import TokenVerifier
@@ -152,7 +152,7 @@ class ChatService:
             user_content=request.message,
             assistant_message_id=generation.message_id,
             model=self.provider.model,
-            created_at=datetime.now(timezone.utc),
+            created_at=datetime.now(UTC),
         )
         generation.task = asyncio.create_task(self._generate(generation, turn, messages))
         return StartedChat(generation, rate)
@@ -336,7 +336,7 @@ class ChatService:
                         session_id=generation.session_id,
                         content=text,
                         status=status,
-                        finished_at=datetime.now(timezone.utc),
+                        finished_at=datetime.now(UTC),
                         usage=usage.tokens,
                         ttft_ms=ttft_ms,
                     )

@@ -15,6 +15,7 @@ import socketio
 
 from server.lifecycle import RunningServer, start_server
 from server.settings import Settings, load_settings
+from services.store.base import ChatStore
 from tests.fake_upstream import FakeUpstream
 from tests.mongo_server import mongodb_uri  # noqa: F401  (session fixture)
 
@@ -56,8 +57,8 @@ ServerFactory = Callable[..., Awaitable[RunningServer]]
 async def make_server(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[ServerFactory]:
     started: list[RunningServer] = []
 
-    async def factory(**overrides: Any) -> RunningServer:
-        running = await start_server(make_settings(tmp_path, upstream, **overrides))
+    async def factory(store: ChatStore | None = None, **overrides: Any) -> RunningServer:
+        running = await start_server(make_settings(tmp_path, upstream, **overrides), store)
         started.append(running)
         return running
 

@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import quote_plus
 
 import pymongo
 import pytest
@@ -32,6 +31,7 @@ from services.store.base import (
 from services.store.mongo_store import MongoStore
 from services.store.sqlite_store import SqliteStore
 from tests.mongo_server import new_database_name
+from tests.tcp_relay import Relay, relayed_uri
 
 # millisecond precision: MongoDB keeps no more
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
@@ -420,58 +420,6 @@ async def test_mongo_unreachable_fails_fast_with_store_error(driver: str) -> Non
     with pytest.raises(StoreError):
         await chat_store.ping()
     await chat_store.close()
-
-
-class Relay:
-    """A TCP forwarder to the test MongoDB that can be cut, to simulate an outage mid-use."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers += [writer, upstream_writer]
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            try:
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            except OSError:
-                pass
-            finally:
-                sink.transport.abort()
-
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
-
-
-def relayed_uri(uri: str, port: int) -> str:
-    """The test URI, through the relay (single node, same credentials)."""
-    parsed = uri_parser.parse_uri(uri)
-    credentials = ""
-    if parsed["username"]:
-        credentials = f"{quote_plus(parsed['username'])}:{quote_plus(parsed['password'] or '')}@"
-    auth_source = parsed["options"].get("authSource")
-    suffix = f"&authSource={quote_plus(auth_source)}" if auth_source else ""
-    return f"mongodb://{credentials}127.0.0.1:{port}/?directConnection=true{suffix}"
 
 
 @pytest.mark.parametrize("driver", ["motor", "pymongo"])

@@ -13,7 +13,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,7 +64,7 @@ MESSAGE_COLUMNS = "id, session_id, role, content, status, created_at, model, usa
 
 
 def _to_datetime(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc)
+    return datetime.fromtimestamp(epoch, tz=UTC)
 
 
 def _message(row: sqlite3.Row | tuple) -> MessageRecord:
@@ -179,7 +179,7 @@ class SqliteStore(ChatStore):
         await self._run(write)
 
     async def checkpoint(self, message_id: str, content: str) -> None:
-        now = datetime.now(timezone.utc).timestamp()
+        now = datetime.now(UTC).timestamp()
         await self._run(
             lambda db: db.execute(
                 "UPDATE messages SET content = ?, updated_at = ? WHERE id = ?", (content, now, message_id)
