@@ -18,7 +18,7 @@ from services.store.base import STATUS_ERROR, MessageRecord
 
 # A client that reads slower than the answer is produced is dropped past this much
 # unsent data (the `on_client_disconnect` policy then applies).
-MAX_UNSENT_BYTES = 1 << 20
+MAX_UNSENT_BYTES = 256 * 1024
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
