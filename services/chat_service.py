@@ -98,6 +98,14 @@ class ChatService:
             return self.verifier.user_from_authorization(caller.authorization)
         return self.verifier.user_id(caller.token)
 
+    def rate_status(self, caller: Caller) -> RateStatus:
+        """The caller's chat budget, without using any (a bad token counts as its address)."""
+        try:
+            user = self.identify(caller)
+        except ChatError:
+            user = None
+        return self.limiter.peek(*self._rate_key(user, caller))
+
     def _rate_key(self, user: str | None, caller: Caller) -> tuple[str, int]:
         if user is not None:
             return f"user:{user}", self.policy.authenticated_limit
@@ -110,7 +118,11 @@ class ChatService:
 
         Raises ChatError (with ``rate`` set when the caller is known) before anything starts.
         """
-        user = self.identify(caller)
+        try:
+            user = self.identify(caller)
+        except ChatError as error:
+            error.rate = self.rate_status(caller)
+            raise
         rate_key, limit = self._rate_key(user, caller)
         try:
             request = parse_chat_message(payload, self.policy.max_message_chars)
@@ -216,6 +228,9 @@ class ChatService:
         await self._store_call(self.store.delete_session(str(session_id)))
 
     async def ready(self) -> bool:
+        """Whether to send traffic here: the store answers and no shutdown has begun."""
+        if not self.accepting:
+            return False
         try:
             await asyncio.wait_for(self.store.ping(), timeout=5)
         except (StoreError, TimeoutError):
