@@ -128,8 +128,7 @@ class ChatService:
             request = parse_chat_message(payload, self.policy.max_message_chars)
             if not self.accepting:
                 raise ChatError("unavailable", "The server is shutting down; please retry shortly.")
-            if request.session_id in self._by_session:
-                raise ChatError("busy", "An answer for this session is still being generated.")
+            self._check_not_running(request.session_id, user)
             context = None
             if request.session_id_given:
                 context = await self._store_call(
@@ -137,8 +136,7 @@ class ChatService:
                 )
                 if context is not None and context.owner is not None and context.owner != user:
                     raise ChatError("not_found", NOT_FOUND)
-                if request.session_id in self._by_session:  # another request won the race meanwhile
-                    raise ChatError("busy", "An answer for this session is still being generated.")
+                self._check_not_running(request.session_id, user)  # another request may have won the race
             rate = self.limiter.acquire(rate_key, limit)
             if not rate.allowed:
                 raise ChatError("rate_limited", "Too many messages; please wait before sending more.",
@@ -261,6 +259,15 @@ class ChatService:
     @staticmethod
     def _may_access(owner: str | None, user: str | None) -> bool:
         return owner is None or owner == user
+
+    def _check_not_running(self, session_id: str, user: str | None) -> None:
+        """`busy` while an answer is being generated; `not_found` if the session is not yours."""
+        running = self._by_session.get(session_id)
+        if running is None:
+            return
+        if not self._may_access(running.owner, user):
+            raise ChatError("not_found", NOT_FOUND)
+        raise ChatError("busy", "An answer for this session is still being generated.")
 
     @staticmethod
     async def _store_call(operation):  # type: ignore[no-untyped-def]

@@ -82,12 +82,12 @@ class RateLimiter:
         return len(self._rings)
 
     def peek(self, key: str, limit: int) -> RateStatus:
-        """The budget of ``key`` without using any of it."""
+        """The budget of ``key`` without using any of it; ``allowed``: would acquire() pass now."""
         now = self._clock()
         ring = self._rings.get(key)
         if ring is None or len(ring.times) != limit:
             return RateStatus(True, limit, limit, 0)
-        return self._status(ring, now, allowed=True)
+        return self._status(ring, now, allowed=ring.times[ring.head] <= now - self.window)
 
     def acquire(self, key: str, limit: int) -> RateStatus:
         """Use one slot of ``key``'s budget if there is one."""
@@ -109,5 +109,7 @@ class RateLimiter:
         if expired == size:
             return RateStatus(allowed, size, size, 0)
         oldest_live = ring.times[(ring.head + expired) % size]
-        reset = max(0, math.ceil(oldest_live + self.window - now))
+        # (now - oldest_live) first: exact for nearby times, so a slot used just now reports the
+        # window itself, never window + 1 from rounding in (oldest_live + window)
+        reset = max(0, math.ceil(self.window - (now - oldest_live)))
         return RateStatus(allowed, size, remaining, reset)
