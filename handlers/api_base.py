@@ -19,11 +19,13 @@ STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allow
 
 class ApiHandler(tornado.web.RequestHandler):
     chat: ChatService
-    cors_origins: tuple[str, ...]
+    cors_origins: tuple[str, ...] = ()
 
     def initialize(self, chat: ChatService, cors_origins: tuple[str, ...]) -> None:
         self.chat = chat
         self.cors_origins = cors_origins
+        # Tornado calls set_default_headers before initialize: add the CORS headers now
+        self.set_default_headers()
 
     def set_default_headers(self) -> None:
         origin = self.request.headers.get("Origin")

@@ -56,8 +56,8 @@ class ChatStreamHandler(SseHandler):
         declared = self.request.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return self._reject(self._too_large())
-        # chunked bodies are counted as they arrive
-        self.request.connection.set_max_body_size(self.max_body_bytes + 1)  # type: ignore[union-attr]
+        # chunked bodies are counted as they arrive (data_received). Tornado's own limit stays
+        # the server-wide one: past it Tornado answers a bare 400, not our 413.
 
     def data_received(self, chunk: bytes) -> None:
         if self.rejected:

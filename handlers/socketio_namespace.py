@@ -98,6 +98,12 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     async def trigger_event(self, event: str, *args: Any) -> Any:
         # event names like `ai:chat` are not method names: route them to on_ai_chat
+        # python-socketio routes a client's own `emit("disconnect")` / `emit("connect")` here too;
+        # only the server's count: connect for a new sid, disconnect once the sid is leaving
+        if event == "connect" and args and args[0] in self.connections:
+            return None
+        if event == "disconnect" and args and self.server.manager.is_connected(args[0], self.namespace):
+            return None
         handler = getattr(self, "on_" + event.replace(":", "_"), None)
         if handler is None:
             return None

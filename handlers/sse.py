@@ -64,7 +64,8 @@ class SseWriter:
     def on_delta(self, generation: Generation, seq: int, text: str) -> None:
         if not self._suffix:
             self._prefix = f"id: {generation.message_id}:"
-            self._suffix = f',"sessionId":{_dumps(generation.session_id)},"messageId":{_dumps(generation.message_id)}}}\n\n'
+            session_id, message_id = _dumps(generation.session_id), _dumps(generation.message_id)
+            self._suffix = f',"sessionId":{session_id},"messageId":{message_id}}}\n\n'
         self._send(f'{self._prefix}{seq}\ndata: {{"content":{_dumps(text)}{self._suffix}'.encode())
 
     def on_end(self, generation: Generation, outcome: Outcome) -> None:

@@ -266,7 +266,9 @@ def _read_file(path: Path | None) -> dict[tuple[str, str], str]:
     except OSError as exc:
         raise SettingsError("--config", f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
     except configparser.Error as exc:
-        raise SettingsError("--config", f"{str(path)!r} is not a valid settings file: {exc.message}") from None
+        # configparser's messages span lines; start-up errors are one line
+        problem = " ".join(exc.message.split())
+        raise SettingsError("--config", f"{str(path)!r} is not a valid settings file: {problem}") from None
     values: dict[tuple[str, str], str] = {}
     for section in parser.sections():
         if section not in SCHEMA:
@@ -321,15 +323,16 @@ def load_settings(
 
 def _check_consistency(settings: Settings) -> None:
     auth = settings.auth
-    if auth.enabled:
-        uses_secret = any(name.startswith("HS") for name in auth.jwt_algorithms)
-        uses_key = any(not name.startswith("HS") for name in auth.jwt_algorithms)
-        if uses_secret and not auth.jwt_secret:
-            raise SettingsError("auth.jwt_secret", "an HS* algorithm is listed in jwt_algorithms but no secret is set")
-        if uses_key and not auth.jwt_public_key_file:
-            raise SettingsError(
-                "auth.jwt_public_key_file", "a public-key algorithm is listed in jwt_algorithms but no key file is set"
-            )
+    uses_secret = any(name.startswith("HS") for name in auth.jwt_algorithms)
+    uses_key = any(not name.startswith("HS") for name in auth.jwt_algorithms)
+    # A public-key algorithm is only ever listed on purpose (the default is HS256): without its
+    # key, auth would be silently off and every token refused.
+    if uses_key and not auth.jwt_public_key_file:
+        raise SettingsError(
+            "auth.jwt_public_key_file", "a public-key algorithm is listed in jwt_algorithms but no key file is set"
+        )
+    if auth.enabled and uses_secret and not auth.jwt_secret:
+        raise SettingsError("auth.jwt_secret", "an HS* algorithm is listed in jwt_algorithms but no secret is set")
     if settings.ai.resolved_provider == "openai" and not settings.ai.model:
         raise SettingsError("ai.model", "a model name is required for the openai provider")
     if settings.storage.mongodb_uri and not settings.storage.mongodb_database:

@@ -48,6 +48,14 @@ class ReceivedRequest:
     at: float
 
 
+async def _hang() -> None:
+    """Keep the request open, quietly, until the test ends."""
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        pass
+
+
 class _CompletionsHandler(tornado.web.RequestHandler):
     def initialize(self, upstream: FakeUpstream) -> None:
         self.upstream = upstream
@@ -59,7 +67,7 @@ class _CompletionsHandler(tornado.web.RequestHandler):
         )
         script = self.upstream.scripts.pop(0) if self.upstream.scripts else self.upstream.default
         if script.never_answer:
-            await asyncio.sleep(3600)
+            await _hang()
             return
         if script.status != 200:
             self.set_status(script.status)
@@ -90,7 +98,7 @@ class _CompletionsHandler(tornado.web.RequestHandler):
                 self.request.connection.stream.close()  # type: ignore[union-attr]
                 return
             if script.stall_after is not None and index >= script.stall_after:
-                await asyncio.sleep(3600)
+                await _hang()
                 return
             if index and script.delay:
                 await asyncio.sleep(script.delay)

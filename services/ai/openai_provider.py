@@ -79,6 +79,9 @@ class OpenAIProvider:
         except UpstreamError:
             raise
         except openai.APITimeoutError as exc:
+            if not _timed_out(exc):
+                # the SDK's aiohttp transport reports a refused connection as ConnectTimeout
+                raise UpstreamError("upstream_error", f"cannot connect to {self.base_url}: {exc.__cause__}") from exc
             raise UpstreamError("timeout", f"request timed out: {exc}") from exc
         except openai.APIStatusError as exc:
             raise UpstreamError("upstream_error", f"HTTP {exc.status_code} from {self.base_url}") from exc
@@ -90,6 +93,16 @@ class OpenAIProvider:
             raise UpstreamError("upstream_error", f"{type(exc).__name__}: {exc}") from exc
         except (ValueError, AttributeError, TypeError) as exc:
             raise UpstreamError("upstream_error", f"malformed stream data: {exc}") from exc
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether the root cause of ``exc`` is really a timeout (not, say, a refused connection)."""
+    seen: set[int] = set()
+    while exc.__cause__ is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    # a bare APITimeoutError (no cause) is the SDK's own deadline
+    return isinstance(exc, (TimeoutError, openai.APITimeoutError))
 
 
 def _usage_counts(raw: object) -> dict[str, int] | None:
