@@ -402,3 +402,46 @@ async def test_sse_client_that_never_reads_is_dropped_and_the_answer_still_store
         assert len(received) < 400_000  # kernel buffers plus the server's 256 kB bound
     finally:
         sock.close()
+
+
+def ws_frame(text: str) -> bytes:
+    """One masked websocket text frame, as a client must send it."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    header = bytes([0x81])
+    if len(payload) < 126:
+        header += bytes([0x80 | len(payload)])
+    else:
+        header += bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_socketio_client_that_never_reads_is_dropped_and_the_answer_still_stored(server, upstream):
+    upstream.queue(Script(chunks=["y" * 2000] * 400))
+    loop = asyncio.get_running_loop()
+    for listener in server.http._sockets.values():  # small kernel buffers, as in the SSE case
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    await loop.sock_sendall(sock, (
+        b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ))
+    namespace = server.app.sio.namespace_handlers["/"]
+    try:
+        handshake = bytearray()
+        while b"101" not in handshake or b'"sid"' not in handshake:
+            handshake += await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+        await loop.sock_sendall(sock, ws_frame("40"))
+        await wait_until(lambda: len(namespace.connections) == 1)
+        await loop.sock_sendall(sock, ws_frame('42["ai:chat",{"message":"flood","sessionId":"sio-never-reads"}]'))
+        await wait_until(lambda: server.app.chat.active_count == 1, timeout=10)
+        # the server gives up on the client (the namespace forgets it) and finishes the answer anyway
+        await wait_until(lambda: len(namespace.connections) == 0, timeout=20)
+        await wait_until(lambda: server.app.chat.active_count == 0, timeout=20)
+        stored = (await history(server, "sio-never-reads"))[1]
+        assert (stored["status"], len(stored["content"])) == ("complete", 800_000)
+    finally:
+        sock.close()
