@@ -104,10 +104,14 @@ class ResumeStreamHandler(SseHandler):
 
     async def get(self, message_id: str) -> None:
         last_event_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument("lastEventId", "")
-        after_seq: object = 0
-        if last_event_id:
+        after_seq = 0
+        if last_event_id:  # the `id:` of the last frame received: <messageId>:<seq>
             event_message, _, seq = last_event_id.rpartition(":")
-            after_seq = int(seq) if event_message == message_id and seq.isdigit() else -1
+            if event_message != message_id or not seq.isdigit():
+                return self.send_chat_error(
+                    ChatError("invalid_request", "Last-Event-ID is not an event id of this message.")
+                )
+            after_seq = int(seq)
         self.writer = SseWriter(self, self.heartbeat_seconds)
         self.start_event_stream()
         try:
@@ -117,8 +121,5 @@ class ResumeStreamHandler(SseHandler):
             self.writer = None
             self.clear_header("Content-Type")
             return self.send_chat_error(error)
-        if isinstance(resumed, Generation):
-            self.generation = resumed
-        else:
-            self.writer.replay_stored(resumed, resumed.session_id, int(after_seq))  # type: ignore[call-overload]
+        self.generation = resumed
         await self.writer.closed

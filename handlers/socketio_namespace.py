@@ -11,7 +11,6 @@ import socketio
 from services.chat_service import Caller, ChatService
 from services.errors import ChatError
 from services.generation import Generation, Outcome
-from services.store.base import STATUS_ERROR, MessageRecord
 
 log = logging.getLogger("aichat.socketio")
 
@@ -169,18 +168,5 @@ class ChatNamespace(socketio.AsyncNamespace):
                                              self._caller(connection, data), stream)
         except ChatError as error:
             return await self._error(sid, error)
-        if isinstance(resumed, Generation):
-            if resumed.outcome is None:
-                connection.streams[resumed.message_id] = (resumed, stream)
-            return
-        await self._replay_stored(sid, resumed, int(payload.get("afterSeq", 0)))
-
-    async def _replay_stored(self, sid: str, message: MessageRecord, after_seq: int) -> None:
-        if after_seq < len(message.content):
-            await self.emit("ai:stream", {"content": message.content[after_seq:], "sessionId": message.session_id,
-                                          "messageId": message.id, "seq": len(message.content)}, to=sid)
-        if message.status == STATUS_ERROR:
-            await self._error(sid, ChatError("upstream_error", "The answer failed."), message.session_id)
-        else:
-            await self.emit("ai:complete", {"response": message.content, "sessionId": message.session_id,
-                                            "messageId": message.id, "status": message.status}, to=sid)
+        if resumed.outcome is None:
+            connection.streams[resumed.message_id] = (resumed, stream)

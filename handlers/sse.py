@@ -14,7 +14,6 @@ from typing import Any
 import tornado.web
 
 from services.generation import Generation, Outcome
-from services.store.base import STATUS_ERROR, MessageRecord
 
 # A client that reads slower than the answer is produced is dropped past this much
 # unsent data (the `on_client_disconnect` policy then applies).
@@ -70,20 +69,6 @@ class SseWriter:
 
     def on_end(self, generation: Generation, outcome: Outcome) -> None:
         self.finish(end_frame(generation.session_id, generation.message_id, generation.length, outcome))
-
-    # --- replay of a stored answer (resume after it ended)
-
-    def replay_stored(self, message: MessageRecord, session_id: str, after_seq: int) -> None:
-        text = message.content
-        if after_seq < len(text):
-            payload = {"content": text[after_seq:], "sessionId": session_id, "messageId": message.id}
-            self._send(f"id: {message.id}:{len(text)}\ndata: {_dumps(payload)}\n\n".encode())
-        body: dict[str, Any] = {"done": True, "sessionId": session_id, "messageId": message.id,
-                                "status": message.status}
-        if message.status == STATUS_ERROR:
-            body = {"error": "The answer failed.", "code": "upstream_error", "sessionId": session_id,
-                    "messageId": message.id}
-        self.finish(f"id: {message.id}:{len(text)}\ndata: {_dumps(body)}\n\n".encode())
 
     # --- transport
 

@@ -26,7 +26,6 @@ from services.store.base import (
     STATUS_PARTIAL,
     ChatStore,
     FinishedMessage,
-    MessageRecord,
     NewTurn,
     SessionRecord,
     SessionSummary,
@@ -184,7 +183,7 @@ class ChatService:
 
     async def resume(
         self, message_id: object, after_seq: object, caller: Caller, listener: GenerationListener
-    ) -> Generation | MessageRecord:
+    ) -> Generation:
         """Re-attach to an answer after ``after_seq``: live if still generating, else the stored one."""
         user = self.identify(caller)
         if not isinstance(message_id, str) or not MESSAGE_ID.fullmatch(message_id):
@@ -200,7 +199,9 @@ class ChatService:
         found = await self._store_call(self.store.get_message(message_id))
         if found is None or found[0].role != "assistant" or not self._may_access(found[1], user):
             raise ChatError("not_found", "No such message.")
-        return found[0]
+        generation = Generation.from_stored(*found)
+        generation.attach(listener, after_seq)
+        return generation
 
     # --- history --------------------------------------------------------------------
 

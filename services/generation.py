@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.errors import ChatError
+from services.store.base import STATUS_ERROR, MessageRecord
 
 # Bounds the in-memory buffer of one answer; an upstream that goes past it is cut off.
 MAX_ANSWER_CHARS = 1_000_000
@@ -58,6 +59,17 @@ class Generation:
         self.task: asyncio.Task[None] | None = None
         #: why a cancel was asked for: "user", "disconnect" or "shutdown"
         self.cancel_requested: str | None = None
+
+    @classmethod
+    def from_stored(cls, message: MessageRecord, owner: str | None) -> Generation:
+        """An answer that already ended, rebuilt from the store so it can be replayed."""
+        generation = cls(message.session_id, message.id, owner, 0.0)
+        if message.content:
+            generation.deltas.append(message.content)
+            generation.length = len(message.content)
+        error = ChatError("upstream_error", "The answer failed.") if message.status == STATUS_ERROR else None
+        generation.outcome = Outcome(status=message.status, text=message.content, error=error)
+        return generation
 
     @property
     def text(self) -> str:

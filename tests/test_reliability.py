@@ -146,7 +146,7 @@ async def test_sse_resume_after_the_answer_ended_comes_from_the_store(server, up
     message_id = first.events[0]["messageId"]
     rest = await resume_sse(server, message_id, first.ids[-1])
     assert first.content + rest.content == SLOW_ANSWER
-    assert rest.last["done"] is True and rest.last["status"] == "complete"
+    assert rest.last["done"] is True
     whole = await resume_sse(server, message_id, "")
     assert whole.content == SLOW_ANSWER
 
@@ -390,7 +390,7 @@ async def test_sse_client_that_never_reads_is_dropped_and_the_answer_still_store
     await loop.sock_sendall(sock, b"POST /api/v2/ai/chat/stream HTTP/1.1\r\nHost: x\r\n"
                                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     try:
-        await wait_until(lambda: server.app.chat.active_count == 1, timeout=10)
+        await wait_until(lambda: upstream.requests, timeout=10)
         await wait_until(lambda: server.app.chat.active_count == 0, timeout=20)
         stored = (await history(server, "never-reads"))[1]
         assert (stored["status"], len(stored["content"])) == ("complete", 800_000)
@@ -437,7 +437,6 @@ async def test_socketio_client_that_never_reads_is_dropped_and_the_answer_still_
         await loop.sock_sendall(sock, ws_frame("40"))
         await wait_until(lambda: len(namespace.connections) == 1)
         await loop.sock_sendall(sock, ws_frame('42["ai:chat",{"message":"flood","sessionId":"sio-never-reads"}]'))
-        await wait_until(lambda: server.app.chat.active_count == 1, timeout=10)
         # the server gives up on the client (the namespace forgets it) and finishes the answer anyway
         await wait_until(lambda: len(namespace.connections) == 0, timeout=20)
         await wait_until(lambda: server.app.chat.active_count == 0, timeout=20)
