@@ -140,6 +140,16 @@ async def sse_post(
             return result
 
 
+async def read_then_leave(server: RunningServer, payload: Any, frames: int) -> SseResponse:
+    """POST a chat message, read its first ``frames`` frames, then drop the connection."""
+    result = SseResponse(0, {})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url(server, "/api/v2/ai/chat/stream"), json=payload) as response:
+            result.status = response.status
+            await read_sse(response, result, lambda _: len(result.events) < frames)
+    return result
+
+
 async def http_json(server: RunningServer, method: str, path: str, *,
                     headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
     async with aiohttp.ClientSession() as session:

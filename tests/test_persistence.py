@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import pytest
 from pymongo import uri_parser
 
 from services.store.base import NewTurn, StoreError
 from services.store.sqlite_store import SqliteStore
-from tests.conftest import TEST_SYSTEM_PROMPT, SseResponse, http_json, read_sse, sse_post, streamed_text, url
+from tests.conftest import TEST_SYSTEM_PROMPT, http_json, read_then_leave, sse_post, streamed_text
 from tests.fake_upstream import Script
 from tests.mongo_server import new_database_name
 from tests.tcp_relay import Relay, relayed_uri
@@ -123,27 +122,10 @@ async def test_error_turns_are_not_sent_as_context(make_server, upstream):
         {"role": "user", "content": "lost"}, {"role": "user", "content": "again"}]
 
 
-async def open_stream_and_leave(server, payload, frames_before_leaving=1):
-    """Read some frames of an answer, then drop the connection."""
-    result = SseResponse(0, {})
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url(server, "/api/v2/ai/chat/stream"), json=payload) as response:
-            result.status = response.status
-            count = 0
-
-            def stop_after(event):
-                nonlocal count
-                count += 1
-                return count < frames_before_leaving
-
-            await read_sse(response, result, stop_after)
-    return result
-
-
 async def test_client_leaving_under_finish_policy_still_stores_whole_answer(server, upstream):
     chunks = [f"w{i} " for i in range(10)]
     upstream.queue(Script(chunks=chunks, delay=0.05))
-    seen = await open_stream_and_leave(server, {"message": "go"})
+    seen = await read_then_leave(server, {"message": "go"}, frames=1)
     assert server.app.chat.active_count == 1  # still generating without the client
     await wait_idle(server)
     messages = await history(server, seen.events[0]["sessionId"])
@@ -154,7 +136,7 @@ async def test_client_leaving_under_cancel_policy_stores_partial(make_server, up
     server = await make_server(ai__on_client_disconnect="cancel")
     chunks = [f"w{i} " for i in range(40)]
     upstream.queue(Script(chunks=chunks, delay=0.05))
-    seen = await open_stream_and_leave(server, {"message": "go"}, frames_before_leaving=2)
+    seen = await read_then_leave(server, {"message": "go"}, frames=2)
     await wait_idle(server, timeout=1.5)  # well before the 2 s the whole answer takes
     messages = await history(server, seen.events[0]["sessionId"])
     stored = messages[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import SseResponse, http_json, read_sse, sse_post, streamed_text, url
+from tests.conftest import SseResponse, http_json, read_sse, read_then_leave, sse_post, streamed_text, url
 from tests.fake_upstream import Script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,21 +92,6 @@ async def test_cancel_with_nothing_running_is_not_found(server, socket_client):
 # --- resume ----------------------------------------------------------------------------
 
 
-async def read_some_then_leave(server, payload, frames):
-    result = SseResponse(0, {})
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url(server, "/api/v2/ai/chat/stream"), json=payload) as response:
-            count = 0
-
-            def stop(event):
-                nonlocal count
-                count += 1
-                return count < frames
-
-            await read_sse(response, result, stop)
-    return result
-
-
 async def resume_sse(server, message_id, last_event_id, *, as_query=False):
     result = SseResponse(0, {})
     path = f"/api/v2/ai/chat/stream/{message_id}"
@@ -128,7 +113,7 @@ async def resume_sse(server, message_id, last_event_id, *, as_query=False):
 @pytest.mark.parametrize("as_query", [False, True])
 async def test_sse_resume_while_generating_gets_the_rest_exactly_once(server, upstream, as_query):
     upstream.queue(Script(chunks=SLOW_CHUNKS, delay=0.03))
-    first = await read_some_then_leave(server, {"message": "go"}, frames=3)
+    first = await read_then_leave(server, {"message": "go"}, frames=3)
     assert server.app.chat.active_count == 1
     message_id = first.events[0]["messageId"]
     rest = await resume_sse(server, message_id, first.ids[-1], as_query=as_query)
@@ -141,7 +126,7 @@ async def test_sse_resume_while_generating_gets_the_rest_exactly_once(server, up
 
 async def test_sse_resume_after_the_answer_ended_comes_from_the_store(server, upstream):
     upstream.queue(Script(chunks=SLOW_CHUNKS, delay=0.01))
-    first = await read_some_then_leave(server, {"message": "go"}, frames=2)
+    first = await read_then_leave(server, {"message": "go"}, frames=2)
     await wait_until(lambda: server.app.chat.active_count == 0)
     message_id = first.events[0]["messageId"]
     rest = await resume_sse(server, message_id, first.ids[-1])
