@@ -274,3 +274,13 @@ async def test_mongodb_store_end_to_end_with_outage(make_server, upstream, socke
         assert result.content == ANSWER
     finally:
         await relay.stop()
+
+
+async def test_answer_metadata_is_stored(server, upstream):
+    result = await sse_post(server, {"message": "count my tokens"})
+    session = await server.app.store.get_session(result.last["sessionId"])
+    assistant = session.messages[1]
+    assert assistant.model == "gpt-4o-mini"
+    assert assistant.usage == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+    assert assistant.ttft_ms is not None and assistant.ttft_ms >= 0
+    assert session.messages[0].usage is None
