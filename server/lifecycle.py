@@ -21,6 +21,8 @@ log = logging.getLogger("aichat")
 # Reap connections that sit idle between requests, or trickle a request body.
 IDLE_CONNECTION_TIMEOUT_SECONDS = 75
 BODY_TIMEOUT_SECONDS = 30
+# Room for a burst of new connections (Tornado's default is 128).
+LISTEN_BACKLOG = 1024
 
 
 def describe(app: Application, address: str) -> str:
@@ -68,7 +70,8 @@ async def start_server(settings: Settings, store: ChatStore | None = None) -> Ru
     )
     host = settings.server.host
     sockets = tornado.netutil.bind_sockets(
-        settings.server.port, host, family=socket.AF_UNSPEC if ":" in host else socket.AF_INET
+        settings.server.port, host, family=socket.AF_UNSPEC if ":" in host else socket.AF_INET,
+        backlog=LISTEN_BACKLOG,
     )
     http.add_sockets(sockets)
     port = sockets[0].getsockname()[1]

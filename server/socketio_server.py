@@ -61,6 +61,9 @@ def build_socketio(settings: Settings, chat: ChatService) -> tuple[socketio.Asyn
             # that stops reading; past it the write fails and engineio closes the connection
             if self.ws_connection is not None:
                 self.ws_connection.stream.max_write_buffer_size = MAX_UNSENT_BYTES  # type: ignore[attr-defined]
+            # small frames must leave at once: without this each answer's tail waits ~40 ms
+            # for a delayed ACK (Nagle)
+            self.set_nodelay(True)
             await super().open(*args, **kwargs)
 
     return sio, SocketIOHandler

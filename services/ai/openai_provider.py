@@ -49,7 +49,10 @@ class OpenAIProvider:
         try:
             async with self._client.chat.completions.with_streaming_response.create(
                 model=self.model,
-                messages=messages,  # type: ignore[arg-type]
+                # Our messages are plain JSON already: handing them over as extra_body skips
+                # the SDK's typed transformation, ~170 us per message on every request.
+                messages=[],
+                extra_body={"messages": messages},
                 stream=True,
                 stream_options={"include_usage": True},
             ) as response:
