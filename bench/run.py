@@ -448,17 +448,23 @@ def rounds_table(product: dict, relay: dict) -> str:
     return "\n".join(lines)
 
 
-def flat(rss: list[float]) -> tuple[bool, float]:
-    """Flat: over the second half of the rounds, RSS grows by at most max(1 MB, 1%).
+def growth_second_half(rss: list[float]) -> float:
+    """RSS growth (MB) over the second half of the rounds.
 
     A leak grows every round; bounded caches (SQLite's page cache, 2 MB by default, fills
-    as the database grows; connection pools) level off. Returns (ok, growth MB of that half).
+    as the database grows; connection pools) level off in the first half.
     """
     if len(rss) < 3:
-        return True, 0.0
+        return 0.0
     half = len(rss) // 2
-    growth = rss[-1] - rss[half - 1]
-    return growth <= max(1.0, 0.01 * rss[half - 1]), growth
+    return rss[-1] - rss[half - 1]
+
+
+def flat(product: list[float], relay: list[float]) -> tuple[bool, float, float]:
+    """Flat: the product grows no more than the bare relay (allocator noise) + max(1 MB, 1%)."""
+    grown, relay_grown = growth_second_half(product), growth_second_half(relay)
+    allowance = max(1.0, 0.01 * product[len(product) // 2 - 1]) if len(product) >= 3 else 1.0
+    return grown <= max(0.0, relay_grown) + allowance, grown, relay_grown
 
 
 def check_targets(streams: dict[tuple[str, str], tuple[dict, dict]], idle: list[tuple[dict, dict]],
@@ -506,8 +512,7 @@ def check_targets(streams: dict[tuple[str, str], tuple[dict, dict]], idle: list[
                        f"{_num(kb)} KB (relay {_num(relay['kb_per_connection'])} KB); "
                        f"{product['connected']} connected"))
     if rounds is not None:
-        ok, growth = flat(rounds["product"]["rss_mb"])
-        relay_growth = flat(rounds["relay"]["rss_mb"])[1]
+        ok, growth, relay_growth = flat(rounds["product"]["rss_mb"], rounds["relay"]["rss_mb"])
         checks.append((f"memory flat over {len(rounds['product']['rss_mb'])} rounds", ok,
                        f"second half of the rounds: {growth:+.1f} MB (relay {relay_growth:+.1f} MB)"))
     return checks
