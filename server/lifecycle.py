@@ -18,9 +18,6 @@ from services.store.base import ChatStore
 
 log = logging.getLogger("aichat")
 
-# Reap connections that sit idle between requests, or trickle a request body.
-IDLE_CONNECTION_TIMEOUT_SECONDS = 75
-BODY_TIMEOUT_SECONDS = 30
 # Room for a burst of new connections (Tornado's default is 128).
 LISTEN_BACKLOG = 1024
 
@@ -65,8 +62,9 @@ async def start_server(settings: Settings, store: ChatStore | None = None) -> Ru
         xheaders=settings.server.trust_proxy_headers,
         # the chat endpoint enforces max_body_bytes itself (413); this caps the rest
         max_body_size=max(settings.server.max_body_bytes, MAX_FRAME_BYTES) + 65536,
-        idle_connection_timeout=IDLE_CONNECTION_TIMEOUT_SECONDS,
-        body_timeout=BODY_TIMEOUT_SECONDS,
+        # reap connections that sit idle between requests, or trickle a request body
+        idle_connection_timeout=settings.server.idle_connection_timeout_seconds,
+        body_timeout=settings.server.body_timeout_seconds,
     )
     host = settings.server.host
     sockets = tornado.netutil.bind_sockets(

@@ -132,6 +132,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "max_body_bytes": ("65536", _integer(1)),
         "heartbeat_seconds": ("15", _seconds(0, exclusive=True)),
         "shutdown_grace_seconds": ("30", _seconds(0)),
+        "idle_connection_timeout_seconds": ("75", _seconds(0, exclusive=True)),
+        "body_timeout_seconds": ("30", _seconds(0, exclusive=True)),
         "socketio_ping_interval_seconds": ("25", _seconds(0, exclusive=True)),
         "socketio_ping_timeout_seconds": ("20", _seconds(0, exclusive=True)),
     },
@@ -179,6 +181,8 @@ class ServerSettings:
     max_body_bytes: int
     heartbeat_seconds: float
     shutdown_grace_seconds: float
+    idle_connection_timeout_seconds: float
+    body_timeout_seconds: float
     socketio_ping_interval_seconds: float
     socketio_ping_timeout_seconds: float
 

@@ -429,3 +429,71 @@ async def test_socketio_client_that_never_reads_is_dropped_and_the_answer_still_
         assert (stored["status"], len(stored["content"])) == ("complete", 800_000)
     finally:
         sock.close()
+
+
+# --- idle and half-open connections are reaped -------------------------------------------
+
+
+async def recv_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (fails after ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    async with asyncio.timeout(timeout):
+        while chunk := await loop.sock_recv(sock, 65536):
+            received += chunk
+    return bytes(received)
+
+
+async def raw_connection(server) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    return sock
+
+
+async def test_idle_keep_alive_connection_is_closed(make_server):
+    server = await make_server(server__idle_connection_timeout_seconds=0.5)
+    sock = await raw_connection(server)
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = await recv_until_closed(sock, timeout=5)
+        assert received.startswith(b"HTTP/1.1 200") and b'{"status":"ok"}' in received
+    finally:
+        sock.close()
+
+
+async def test_trickled_request_body_is_cut_off(make_server, upstream):
+    server = await make_server(server__body_timeout_seconds=0.5)
+    sock = await raw_connection(server)
+    try:
+        await asyncio.get_running_loop().sock_sendall(
+            sock, b"POST /api/v2/ai/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"message\":")
+        received = await recv_until_closed(sock, timeout=5)
+        assert b"text/event-stream" not in received
+        assert upstream.requests == []
+    finally:
+        sock.close()
+
+
+async def test_half_open_socketio_client_is_reaped(make_server):
+    server = await make_server(server__socketio_ping_interval_seconds=0.3,
+                               server__socketio_ping_timeout_seconds=0.3)
+    sock = await raw_connection(server)
+    loop = asyncio.get_running_loop()
+    namespace = server.app.sio.namespace_handlers["/"]
+    try:
+        await loop.sock_sendall(sock, (
+            b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ))
+        handshake = bytearray()
+        while b'"sid"' not in handshake:
+            handshake += await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+        await loop.sock_sendall(sock, ws_frame("40"))
+        await wait_until(lambda: len(namespace.connections) == 1)
+        # the client goes silent (never answers a ping): the server drops it
+        await wait_until(lambda: len(namespace.connections) == 0, timeout=10)
+        await recv_until_closed(sock, timeout=10)
+    finally:
+        sock.close()
