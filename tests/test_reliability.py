@@ -497,3 +497,16 @@ async def test_half_open_socketio_client_is_reaped(make_server):
         await recv_until_closed(sock, timeout=10)
     finally:
         sock.close()
+
+
+async def test_upstream_failures_are_logged_with_the_answer_id_and_reach_the_client_as_a_code(
+        make_server, upstream, caplog):
+    server = await make_server(ai__max_retries=0)
+    upstream.queue(Script(status=500))
+    with caplog.at_level("WARNING", logger="aichat"):
+        result = await sse_post(server, {"message": "go"})
+    message_id = result.last["messageId"]
+    assert result.last == {"error": "The AI service failed.", "code": "upstream_error",
+                           "sessionId": result.last["sessionId"], "messageId": message_id}
+    logged = [r.getMessage() for r in caplog.records if message_id in r.getMessage()]
+    assert logged and "upstream_error" in logged[0] and "HTTP 500" in logged[0]
