@@ -401,6 +401,20 @@ def ws_frame(text: str) -> bytes:
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+async def connect_raw_socketio(sock: socket.socket, namespace) -> None:
+    """Open a Socket.IO session by hand over a connected socket: websocket upgrade, then `40`."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, (
+        b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ))
+    handshake = bytearray()
+    while b"101" not in handshake or b'"sid"' not in handshake:
+        handshake += await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+    await loop.sock_sendall(sock, ws_frame("40"))
+    await wait_until(lambda: len(namespace.connections) == 1)
+
+
 async def test_socketio_client_that_never_reads_is_dropped_and_the_answer_still_stored(server, upstream):
     upstream.queue(Script(chunks=["y" * 2000] * 400))
     loop = asyncio.get_running_loop()
@@ -410,17 +424,9 @@ async def test_socketio_client_that_never_reads_is_dropped_and_the_answer_still_
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", server.port))
-    await loop.sock_sendall(sock, (
-        b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ))
     namespace = server.app.sio.namespace_handlers["/"]
     try:
-        handshake = bytearray()
-        while b"101" not in handshake or b'"sid"' not in handshake:
-            handshake += await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
-        await loop.sock_sendall(sock, ws_frame("40"))
-        await wait_until(lambda: len(namespace.connections) == 1)
+        await connect_raw_socketio(sock, namespace)
         await loop.sock_sendall(sock, ws_frame('42["ai:chat",{"message":"flood","sessionId":"sio-never-reads"}]'))
         # the server gives up on the client (the namespace forgets it) and finishes the answer anyway
         await wait_until(lambda: len(namespace.connections) == 0, timeout=20)
@@ -480,18 +486,9 @@ async def test_half_open_socketio_client_is_reaped(make_server):
     server = await make_server(server__socketio_ping_interval_seconds=0.3,
                                server__socketio_ping_timeout_seconds=0.3)
     sock = await raw_connection(server)
-    loop = asyncio.get_running_loop()
     namespace = server.app.sio.namespace_handlers["/"]
     try:
-        await loop.sock_sendall(sock, (
-            b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ))
-        handshake = bytearray()
-        while b'"sid"' not in handshake:
-            handshake += await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
-        await loop.sock_sendall(sock, ws_frame("40"))
-        await wait_until(lambda: len(namespace.connections) == 1)
+        await connect_raw_socketio(sock, namespace)
         # the client goes silent (never answers a ping): the server drops it
         await wait_until(lambda: len(namespace.connections) == 0, timeout=10)
         await recv_until_closed(sock, timeout=10)
