@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import tornado.web
@@ -10,11 +11,21 @@ import tornado.web
 from services.chat_service import Caller, ChatService
 from services.errors import ChatError
 
+log = logging.getLogger("aichat.http")
+
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 CORS_EXPOSE_HEADERS = "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Retry-After"
 
 # Tornado's own error statuses, mapped to the API's codes
 STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def as_chat_error(exc: Exception) -> ChatError:
+    """A ChatError as it is; anything else is a bug: logged, and shown only as internal_error."""
+    if isinstance(exc, ChatError):
+        return exc
+    log.error("unexpected failure", exc_info=exc)
+    return ChatError("internal_error", "Internal server error.")
 
 
 class ApiHandler(tornado.web.RequestHandler):

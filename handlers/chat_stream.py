@@ -6,7 +6,7 @@ import json
 
 import tornado.web
 
-from handlers.api_base import ApiHandler
+from handlers.api_base import ApiHandler, as_chat_error
 from handlers.sse import SSE_HEADERS, SseWriter
 from services.chat_service import ChatService
 from services.errors import ChatError
@@ -70,10 +70,15 @@ class ChatStreamHandler(SseHandler):
         return ChatError("too_large", f"The request body is larger than {self.max_body_bytes} bytes.")
 
     def _reject(self, error: ChatError) -> None:
+        # Tornado closes the connection after answering, since the rest of the body is unread
         self.rejected = True
-        # the rest of the body is not read: close the connection after answering
-        self.request.connection.no_keep_alive = True  # type: ignore[union-attr]
         self.send_chat_error(error)
+
+    def send_chat_error(self, error: ChatError) -> None:
+        # every chat response tells the caller's budget, even one refused before the service saw it
+        if error.rate is None:
+            error.rate = self.chat.rate_status(self.caller())
+        super().send_chat_error(error)
 
     async def post(self) -> None:
         if self.rejected or self._finished:
@@ -87,11 +92,14 @@ class ChatStreamHandler(SseHandler):
         self.writer = SseWriter(self, self.heartbeat_seconds)
         try:
             started = await self.chat.start_chat(payload, self.caller(), self.writer)
-        except ChatError as error:
+        except Exception as exc:
             self.writer.connection_lost()
             self.writer = None
-            return self.send_chat_error(error)
+            return self.send_chat_error(as_chat_error(exc))
         self.generation = started.generation
+        if self.writer.closed.done():  # the client left while the chat was being set up
+            self.chat.detach(started.generation, self.writer)
+            return
         self.start_event_stream()
         for name, value in started.rate.headers().items():
             self.set_header(name, value)
@@ -116,10 +124,13 @@ class ResumeStreamHandler(SseHandler):
         self.start_event_stream()
         try:
             resumed = await self.chat.resume(message_id, after_seq, self.caller(), self.writer)
-        except ChatError as error:
+        except Exception as exc:
             self.writer.connection_lost()
             self.writer = None
             self.clear_header("Content-Type")
-            return self.send_chat_error(error)
+            return self.send_chat_error(as_chat_error(exc))
         self.generation = resumed
+        if self.writer.closed.done():
+            self.chat.detach(resumed, self.writer)
+            return
         await self.writer.closed

@@ -8,7 +8,8 @@ from typing import Any
 
 import socketio
 
-from services.chat_service import Caller, ChatService
+from handlers.api_base import as_chat_error
+from services.chat_service import NO_TOKEN, Caller, ChatService
 from services.errors import ChatError
 from services.generation import Generation, Outcome
 
@@ -124,8 +125,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         connection.streams.clear()
 
     def _caller(self, connection: Connection, data: object) -> Caller:
-        token = data.get("token") if isinstance(data, dict) else None
-        return Caller(client_ip=connection.client_ip, token=token if token is not None else connection.token)
+        token = data.get("token", NO_TOKEN) if isinstance(data, dict) else NO_TOKEN
+        return Caller(client_ip=connection.client_ip, token=token, handshake_token=connection.token)
 
     async def _error(self, sid: str, error: ChatError, session_id: object = None) -> None:
         payload = error.to_payload()
@@ -140,8 +141,9 @@ class ChatNamespace(socketio.AsyncNamespace):
         stream = SocketStream(self, sid, connection)
         try:
             started = await self.chat.start_chat(data, self._caller(connection, data), stream)
-        except ChatError as error:
-            return await self._error(sid, error, data.get("sessionId") if isinstance(data, dict) else None)
+        except Exception as exc:
+            session_id = data.get("sessionId") if isinstance(data, dict) else None
+            return await self._error(sid, as_chat_error(exc), session_id)
         if sid not in self.connections:  # left while the chat was being set up
             self.chat.detach(started.generation, stream)
             return
@@ -154,8 +156,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         session_id = data.get("sessionId") if isinstance(data, dict) else None
         try:
             await self.chat.cancel(session_id, self._caller(connection, data))
-        except ChatError as error:
-            await self._error(sid, error, session_id)
+        except Exception as exc:
+            await self._error(sid, as_chat_error(exc), session_id)
 
     async def on_ai_resume(self, sid: str, data: object = None, *_: Any) -> None:
         connection = self.connections.get(sid)
@@ -166,7 +168,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         try:
             resumed = await self.chat.resume(payload.get("messageId"), payload.get("afterSeq", 0),
                                              self._caller(connection, data), stream)
-        except ChatError as error:
-            return await self._error(sid, error)
+        except Exception as exc:
+            return await self._error(sid, as_chat_error(exc))
         if resumed.outcome is None:
             connection.streams[resumed.message_id] = (resumed, stream)

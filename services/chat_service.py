@@ -38,6 +38,9 @@ log = logging.getLogger("aichat.chat")
 # give it back at least this often so every stream keeps moving.
 FAIR_SLICE_SECONDS = 0.002
 
+# Longest wait for the final store write of an answer.
+STORE_FINISH_SECONDS = 10
+
 NOT_FOUND = "No such session."
 STORE_FAILED = "The conversation could not be saved; please try again."
 
@@ -53,6 +56,10 @@ class ChatPolicy:
     checkpoint_seconds: float
 
 
+#: a Socket.IO message without a `token` field (as opposed to `token: null`, anonymous)
+NO_TOKEN: object = object()
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who is asking: the credentials as the transport received them, and where from."""
@@ -60,8 +67,10 @@ class Caller:
     client_ip: str
     #: HTTP `Authorization` header, when the transport is HTTP
     authorization: str | None = None
-    #: a bare token (Socket.IO payload or handshake); None is anonymous
-    token: object = None
+    #: the token a Socket.IO message carried: it wins; None (`token: null`) is anonymous
+    token: object = NO_TOKEN
+    #: the token given once in the Socket.IO handshake, used when the message has none
+    handshake_token: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +104,7 @@ class ChatService:
         """The caller's user id, None for anonymous; ChatError `invalid_token` for a bad token."""
         if caller.authorization is not None:
             return self.verifier.user_from_authorization(caller.authorization)
-        return self.verifier.user_id(caller.token)
+        return self.verifier.user_id(caller.handshake_token if caller.token is NO_TOKEN else caller.token)
 
     def rate_status(self, caller: Caller) -> RateStatus:
         """The caller's chat budget, without using any (a bad token counts as its address)."""
@@ -136,6 +145,8 @@ class ChatService:
                 if context is not None and context.owner is not None and context.owner != user:
                     raise ChatError("not_found", NOT_FOUND)
                 self._check_not_running(request.session_id, user)  # another request may have won the race
+                if not self.accepting:  # shutdown began meanwhile
+                    raise ChatError("unavailable", "The server is shutting down; please retry shortly.")
             rate = self.limiter.acquire(rate_key, limit)
             if not rate.allowed:
                 raise ChatError("rate_limited", "Too many messages; please wait before sending more.",
@@ -245,15 +256,19 @@ class ChatService:
     async def shutdown(self, grace_seconds: float) -> None:
         """Refuse new chats, let running answers finish for ``grace_seconds``, cancel the rest."""
         self.accepting = False
-        tasks = {g.task for g in self._by_session.values() if g.task is not None}
-        if tasks:
-            log.info("waiting up to %gs for %d answer(s) to finish", grace_seconds, len(tasks))
-            _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
-            if pending:
-                log.info("cancelling %d answer(s) still running; their text so far is kept", len(pending))
-                for generation in list(self._by_session.values()):
-                    generation.cancel("shutdown")
-                await asyncio.wait(pending)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        # a loop, not one snapshot: a chat that was being set up when shutdown began registers late
+        while self._by_session and loop.time() < deadline:
+            tasks = {g.task for g in self._by_session.values() if g.task is not None}
+            log.info("waiting up to %.1fs for %d answer(s) to finish", deadline - loop.time(), len(tasks))
+            await asyncio.wait(tasks, timeout=deadline - loop.time())
+        if self._by_session:
+            log.info("cancelling %d answer(s) still running; their text so far is kept", len(self._by_session))
+            for generation in list(self._by_session.values()):
+                generation.cancel("shutdown")
+            tasks = {g.task for g in self._by_session.values() if g.task is not None}
+            await asyncio.wait(tasks, timeout=STORE_FINISH_SECONDS + 1)
 
     # --- internals ------------------------------------------------------------------
 
@@ -279,6 +294,7 @@ class ChatService:
             raise ChatError("internal_error", "The conversation store is unavailable; please try again.") from None
 
     async def _generate(self, generation: Generation, turn: NewTurn, messages: list[dict[str, str]]) -> None:
+        generation.started = True
         started = time.monotonic()
         usage = UsageReport()
         # The user message is written while the upstream works on its first token.
@@ -289,25 +305,29 @@ class ChatService:
         error: ChatError | None = None
         checkpointing: asyncio.Task[None] | None = None
         try:
-            async with contextlib.aclosing(self.provider.stream(messages, usage)) as deltas:
-                slice_start = next_checkpoint = time.monotonic()
-                async for delta in deltas:
-                    if ttft_ms is None:
-                        await begun  # stored before the first frame is sent
-                        ttft_ms = (time.monotonic() - started) * 1000
-                        next_checkpoint = time.monotonic() + self.policy.checkpoint_seconds
-                    generation.publish(delta)
-                    if generation.length > MAX_ANSWER_CHARS:
-                        raise UpstreamError("upstream_error", f"answer longer than {MAX_ANSWER_CHARS} characters")
-                    now = time.monotonic()
-                    if now >= next_checkpoint:
-                        next_checkpoint = now + self.policy.checkpoint_seconds
-                        if checkpointing is None or checkpointing.done():
-                            checkpointing = asyncio.create_task(self._checkpoint(generation))
-                    if now - slice_start > FAIR_SLICE_SECONDS:
-                        await asyncio.sleep(0)
-                        slice_start = time.monotonic()
-            await begun
+            # a cancel that came before this task ran is only noted (see Generation.cancel)
+            if generation.cancel_requested is None:
+                async with contextlib.aclosing(self.provider.stream(messages, usage)) as deltas:
+                    slice_start = next_checkpoint = time.monotonic()
+                    async for delta in deltas:
+                        if ttft_ms is None:
+                            # stored before the first frame is sent; shielded so that a cancel
+                            # meanwhile stops the answer, not the write of the question
+                            await asyncio.shield(begun)
+                            ttft_ms = (time.monotonic() - started) * 1000
+                            next_checkpoint = time.monotonic() + self.policy.checkpoint_seconds
+                        generation.publish(delta)
+                        if generation.length > MAX_ANSWER_CHARS:
+                            raise UpstreamError("upstream_error", f"answer longer than {MAX_ANSWER_CHARS} characters")
+                        now = time.monotonic()
+                        if now >= next_checkpoint:
+                            next_checkpoint = now + self.policy.checkpoint_seconds
+                            if checkpointing is None or checkpointing.done():
+                                checkpointing = asyncio.create_task(self._checkpoint(generation))
+                        if now - slice_start > FAIR_SLICE_SECONDS:
+                            await asyncio.sleep(0)
+                            slice_start = time.monotonic()
+            await asyncio.shield(begun)
         except asyncio.CancelledError:
             if generation.cancel_requested is None:
                 raise  # not ours: let it propagate
@@ -338,37 +358,38 @@ class ChatService:
         ttft_ms: float | None,
         error: ChatError | None,
     ) -> None:
+        generation.finishing = True  # from here on a cancel changes nothing
         text = generation.text
         cancelled = generation.cancel_requested is not None
         if error is None and not cancelled:
             status = STATUS_COMPLETE
         else:
             status = STATUS_PARTIAL if text else STATUS_ERROR
-        stored = True
+        stored = False
         try:
-            if not begun.done():
-                await asyncio.wait({begun})
-            if begun.cancelled() or begun.exception() is not None:
-                stored = False
-            else:
-                if checkpointing is not None:
-                    await asyncio.wait({checkpointing})  # must not land after the final text
-                await self.store.finish_message(
-                    FinishedMessage(
-                        message_id=generation.message_id,
-                        session_id=generation.session_id,
-                        content=text,
-                        status=status,
-                        finished_at=datetime.now(UTC),
-                        usage=usage.tokens,
-                        ttft_ms=ttft_ms,
+            async with asyncio.timeout(STORE_FINISH_SECONDS):  # a hung store must not pin the session
+                if not begun.done():
+                    await asyncio.wait({begun})
+                if not begun.cancelled() and begun.exception() is None:
+                    if checkpointing is not None:
+                        await asyncio.wait({checkpointing})  # must not land after the final text
+                    await self.store.finish_message(
+                        FinishedMessage(
+                            message_id=generation.message_id,
+                            session_id=generation.session_id,
+                            content=text,
+                            status=status,
+                            finished_at=datetime.now(UTC),
+                            usage=usage.tokens,
+                            ttft_ms=ttft_ms,
+                        )
                     )
-                )
-        except StoreError as exc:
-            stored = False
-            log.error("answer %s: could not store the answer: %s", generation.message_id, exc)
-        if not stored and error is None:
-            error = ChatError("internal_error", STORE_FAILED)
-        generation.end(Outcome(status=status, text=text, error=error, cancelled=cancelled and error is None))
-        self._by_session.pop(generation.session_id, None)
-        self._by_message.pop(generation.message_id, None)
+                    stored = True
+        except (StoreError, TimeoutError) as exc:
+            log.error("answer %s: could not store the answer: %s", generation.message_id, exc or "timed out")
+        finally:
+            if not stored and error is None:
+                error = ChatError("internal_error", STORE_FAILED)
+            self._by_session.pop(generation.session_id, None)
+            self._by_message.pop(generation.message_id, None)
+            generation.end(Outcome(status=status, text=text, error=error, cancelled=cancelled and error is None))

@@ -13,11 +13,14 @@ gets exactly ``text[N:]``, from memory while generating or from the store afterw
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
 from services.errors import ChatError
 from services.store.base import STATUS_ERROR, MessageRecord
+
+log = logging.getLogger("aichat.chat")
 
 # Bounds the in-memory buffer of one answer; an upstream that goes past it is cut off.
 MAX_ANSWER_CHARS = 1_000_000
@@ -44,7 +47,7 @@ class GenerationListener(Protocol):
 class Generation:
     __slots__ = (
         "session_id", "message_id", "owner", "deltas", "length", "listeners", "outcome",
-        "task", "cancel_requested", "created_at",
+        "task", "cancel_requested", "created_at", "finishing", "started",
     )
 
     def __init__(self, session_id: str, message_id: str, owner: str | None, created_at: float) -> None:
@@ -57,8 +60,11 @@ class Generation:
         self.listeners: list[GenerationListener] = []
         self.outcome: Outcome | None = None
         self.task: asyncio.Task[None] | None = None
-        #: why a cancel was asked for: "user", "disconnect" or "shutdown"
+        #: why a cancel was asked for: "user", "disconnect", "shutdown" or "store"
         self.cancel_requested: str | None = None
+        #: set by the task's first step, and once the final text is being stored
+        self.started = False
+        self.finishing = False
 
     @classmethod
     def from_stored(cls, message: MessageRecord, owner: str | None) -> Generation:
@@ -79,13 +85,19 @@ class Generation:
         self.deltas.append(delta)
         self.length += len(delta)
         for listener in self.listeners:
-            listener.on_delta(self, self.length, delta)
+            try:
+                listener.on_delta(self, self.length, delta)
+            except Exception:
+                self._drop(listener)
 
     def end(self, outcome: Outcome) -> None:
         self.outcome = outcome
         listeners, self.listeners = self.listeners, []
         for listener in listeners:
-            listener.on_end(self, outcome)
+            try:
+                listener.on_end(self, outcome)
+            except Exception:
+                log.exception("answer %s: a listener failed at the end", self.message_id)
 
     def attach(self, listener: GenerationListener, after_seq: int = 0) -> None:
         """Start delivering to ``listener``, first replaying what came after ``after_seq``."""
@@ -96,6 +108,11 @@ class Generation:
         else:
             self.listeners.append(listener)
 
+    def _drop(self, listener: GenerationListener) -> None:
+        # one client's broken transport must not fail the answer for the others
+        log.exception("answer %s: dropping a listener that failed", self.message_id)
+        self.listeners = [other for other in self.listeners if other is not listener]
+
     def detach(self, listener: GenerationListener) -> int:
         """Stop delivering to ``listener``; returns how many listeners are left."""
         if listener in self.listeners:
@@ -103,9 +120,14 @@ class Generation:
         return len(self.listeners)
 
     def cancel(self, reason: str) -> bool:
-        if self.task is None or self.task.done() or self.outcome is not None:
+        # once the answer is being stored, it ends as it is: a cancel now would cut the store
+        # write and leave the session busy
+        if self.task is None or self.task.done() or self.finishing:
             return False
         if self.cancel_requested is None:
             self.cancel_requested = reason
-            self.task.cancel()
+            # A task cancelled before its first step never runs its own clean-up (the
+            # CancelledError lands before any try:); one not started yet sees the note instead.
+            if self.started:
+                self.task.cancel()
         return True
