@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from server.lifecycle import serve
 from server.settings import SettingsError, load_settings
+from services.store.base import StoreError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "settings.ini"
 
@@ -22,7 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def event_loop_factory():  # type: ignore[no-untyped-def]
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
         import uvloop
     except ImportError:
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         try:
             return runner.run(serve(settings))
-        except OSError as exc:  # e.g. the port is taken
+        except (OSError, StoreError) as exc:  # the port is taken, the store cannot be opened
             logging.getLogger("aichat").error("cannot start: %s", exc)
             return 1
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from handlers.api_base import ApiHandler
 from services.errors import ChatError
 from services.store.base import MessageRecord, SessionRecord
 
 
-def _iso(moment) -> str:  # type: ignore[no-untyped-def]
+def _iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 

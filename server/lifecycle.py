@@ -27,7 +27,7 @@ def describe(app: Application, address: str) -> str:
     if provider.name == "demo":
         ai = "AI provider demo (demo mode: no model configured; set OPENAI_API_KEY or OPENAI_BASE_URL)"
     else:
-        ai = f"AI provider openai, model {provider.model} at {getattr(provider, 'base_url', '')}"
+        ai = f"AI provider openai, model {provider.model} at {getattr(provider, 'endpoint', '')}"
     return f"listening on http://{address} | {ai} | store {app.store.description}"
 
 

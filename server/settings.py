@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
 ENV_PREFIX = "AICHAT_"
 
 # Well-known environment names and the key each one sets. The AICHAT_ form of the
@@ -112,13 +115,18 @@ def _algorithms(raw: str) -> tuple[str, ...]:
     return names
 
 
-def _readable_file(raw: str) -> str:
+def _public_key_file(raw: str) -> str:
+    """A readable PEM public key (checked now, so a bad key stops start-up, not every login)."""
     path = raw.strip()
     if path:
         try:
-            Path(path).read_bytes()
+            pem = Path(path).read_bytes()
         except OSError as exc:
             raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+        try:
+            load_pem_public_key(pem)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError(f"{path!r} is not a PEM public key") from None
     return path
 
 
@@ -158,7 +166,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
     },
     "auth": {
         "jwt_secret": ("", _text),
-        "jwt_public_key_file": ("", _readable_file),
+        "jwt_public_key_file": ("", _public_key_file),
         "jwt_algorithms": ("HS256", _algorithms),
         "jwt_audience": ("", _text),
         "jwt_issuer": ("", _text),

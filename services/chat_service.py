@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from services.ai.base import ChatProvider, UsageReport
 from services.auth import TokenVerifier
@@ -33,6 +35,7 @@ from services.store.base import (
 )
 
 log = logging.getLogger("aichat.chat")
+T = TypeVar("T")
 
 # A fast upstream can hand over many chunks without the event loop getting a turn;
 # give it back at least this often so every stream keeps moving.
@@ -286,7 +289,7 @@ class ChatService:
         raise ChatError("busy", "An answer for this session is still being generated.")
 
     @staticmethod
-    async def _store_call(operation):  # type: ignore[no-untyped-def]
+    async def _store_call(operation: Awaitable[T]) -> T:
         try:
             return await operation
         except StoreError as exc:

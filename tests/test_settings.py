@@ -255,6 +255,14 @@ def test_unreadable_public_key_file(tmp_path):
     expect_error("auth.jwt_public_key_file", overrides={("auth", "jwt_public_key_file"): str(tmp_path)})
 
 
+def test_public_key_file_that_is_not_a_pem_key(tmp_path):
+    garbage = tmp_path / "key.pem"
+    garbage.write_text("-----BEGIN PUBLIC KEY-----\nnot base64 at all\n-----END PUBLIC KEY-----\n")
+    error = expect_error("auth.jwt_public_key_file", environ={"AICHAT_AUTH_JWT_PUBLIC_KEY_FILE": str(garbage),
+                                                               "AICHAT_AUTH_JWT_ALGORITHMS": "RS256"})
+    assert "not a PEM public key" in str(error)
+
+
 @pytest.mark.parametrize("environ", [
     {"AICHAT_AUTH_JWT_ALGORITHMS": "RS256"},
     {"AICHAT_AUTH_JWT_ALGORITHMS": "HS256,RS256", "JWT_SECRET": "s"},
@@ -265,7 +273,12 @@ def test_public_key_algorithm_without_key_file(environ):
 
 
 def test_hs_algorithm_with_key_file_but_no_secret(tmp_path):
-    pem = write_ini(tmp_path, "-----BEGIN PUBLIC KEY-----\n", name="key.pem")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = write_ini(tmp_path, public.decode(), name="key.pem")
     expect_error("auth.jwt_secret", environ={"AICHAT_AUTH_JWT_PUBLIC_KEY_FILE": str(pem),
                                              "AICHAT_AUTH_JWT_ALGORITHMS": "RS256,HS256"})
     settings = load_settings(None, environ={"AICHAT_AUTH_JWT_PUBLIC_KEY_FILE": str(pem),
@@ -313,6 +326,25 @@ def test_run_py_refuses_bad_setting(tmp_path, ini, env, key):
     assert len(lines) == 1, done.stderr
     assert key in lines[0]
     assert "Traceback" not in done.stderr
+
+
+def test_run_py_store_that_cannot_be_opened_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write_ini(tmp_path, f"[storage]\nsqlite_path = {blocker}/chat.sqlite3\n")
+    done = subprocess.run([sys.executable, "run.py", "--config", str(config), "--port", str(free_port())],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if "cannot start" in line]
+
+
+def test_upstream_endpoint_is_logged_without_credentials():
+    from services.ai.openai_provider import OpenAIProvider
+
+    provider = OpenAIProvider(api_key="", base_url="https://user:s3cret@llm.example:8443/v1?api-key=k3y",
+                              model="m", timeout_seconds=1, max_retries=0)
+    assert provider.endpoint == "https://llm.example:8443/v1"
 
 
 def test_run_py_bad_flag_value(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 import openai
@@ -33,6 +34,8 @@ class OpenAIProvider:
     ) -> None:
         self.model = model
         self.base_url = base_url or OPENAI_DEFAULT_BASE_URL
+        #: the endpoint as logs show it: no credentials, no query string
+        self.endpoint = _redacted(self.base_url)
         self._client = openai.AsyncOpenAI(
             # local OpenAI-compatible servers need no key, but the SDK insists on one
             api_key=api_key or "not-needed",
@@ -84,10 +87,10 @@ class OpenAIProvider:
         except openai.APITimeoutError as exc:
             if not _timed_out(exc):
                 # the SDK's aiohttp transport reports a refused connection as ConnectTimeout
-                raise UpstreamError("upstream_error", f"cannot connect to {self.base_url}: {exc.__cause__}") from exc
+                raise UpstreamError("upstream_error", f"cannot connect to {self.endpoint}: {exc.__cause__}") from exc
             raise UpstreamError("timeout", f"request timed out: {exc}") from exc
         except openai.APIStatusError as exc:
-            raise UpstreamError("upstream_error", f"HTTP {exc.status_code} from {self.base_url}") from exc
+            raise UpstreamError("upstream_error", f"HTTP {exc.status_code} from {self.endpoint}") from exc
         except openai.APIError as exc:
             raise UpstreamError("upstream_error", f"{type(exc).__name__}: {exc}") from exc
         except httpx2.ReadTimeout as exc:
@@ -106,6 +109,14 @@ def _timed_out(exc: BaseException) -> bool:
         exc = exc.__cause__
     # a bare APITimeoutError (no cause) is the SDK's own deadline
     return isinstance(exc, (TimeoutError, openai.APITimeoutError))
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _usage_counts(raw: object) -> dict[str, int] | None:
