@@ -159,6 +159,19 @@ async def test_anonymous_session_has_no_owner(store: ChatStore) -> None:
     assert found is not None and found[1] is None
 
 
+async def test_a_turn_never_lands_in_another_users_session(store: ChatStore) -> None:
+    # two writers raced to create the same session id; the second one must not write into it
+    await store.begin_turn(new_turn("raced", 1, owner="alice"))
+    with pytest.raises(StoreError):
+        await store.begin_turn(new_turn("raced", 2, owner="bob"))
+    session = await store.get_session("raced")
+    assert session is not None and session.owner == "alice"
+    assert [m.id for m in session.messages] == ["raced-u1", "raced-a1"]
+    await store.begin_turn(new_turn("open", 1, owner=None))
+    await store.begin_turn(new_turn("open", 2, owner="bob"))  # anonymous sessions take anyone
+    assert len((await store.get_session("open")).messages) == 4
+
+
 async def test_load_context_is_the_last_messages_with_text_oldest_first(store: ChatStore) -> None:
     turns = [new_turn("s1", n, when=at(n), content=f"q{n}") for n in (1, 2, 3)]
     for turn in turns:

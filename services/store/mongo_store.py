@@ -179,10 +179,13 @@ class MongoStore(ChatStore):
                     "$inc": {"messageCount": 2},
                     "$set": {"updatedAt": now},
                 },
-                projection={"messageCount": 1},
+                projection={"messageCount": 1, "owner": 1},
                 upsert=True,
                 return_document=ReturnDocument.AFTER,
             )
+            if session.get("owner") is not None and session["owner"] != turn.owner:
+                # another process created this session for someone else a moment ago
+                raise StoreError(f"session {turn.session_id} belongs to another user")
             count = session["messageCount"]
             # not one transaction (that needs a replica set); if this insert fails the session
             # merely keeps a gap in its seq numbers, which ordering tolerates

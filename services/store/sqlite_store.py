@@ -160,11 +160,14 @@ class SqliteStore(ChatStore):
                 " VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT(id) DO NOTHING",
                 (turn.session_id, turn.owner, make_title(turn.user_content), now, now),
             )
-            (count,) = db.execute(
+            count, owner = db.execute(
                 "UPDATE sessions SET message_count = message_count + 2, updated_at = ?"
-                " WHERE id = ? RETURNING message_count",
+                " WHERE id = ? RETURNING message_count, owner",
                 (now, turn.session_id),
             ).fetchone()
+            if owner is not None and owner != turn.owner:
+                # another writer created this session for someone else a moment ago
+                raise StoreError(f"session {turn.session_id} belongs to another user")
             db.executemany(
                 "INSERT INTO messages (id, session_id, seq, role, content, status, created_at, updated_at, model)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
