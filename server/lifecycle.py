@@ -85,7 +85,10 @@ async def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    log.info("shutting down: no new chats; up to %gs for answers in flight", settings.server.shutdown_grace_seconds)
+    log.info("shutting down: no new chats; up to %gs for answers in flight (signal again to stop them now)",
+             settings.server.shutdown_grace_seconds)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, running.app.chat.cut_grace)
     await running.shutdown(settings.server.shutdown_grace_seconds)
     log.info("stopped")
     return 0

@@ -98,6 +98,7 @@ class ChatService:
         self.limiter = limiter
         self.policy = policy
         self.accepting = True
+        self._grace_cut = asyncio.Event()
         self._by_session: dict[str, Generation] = {}
         self._by_message: dict[str, Generation] = {}
 
@@ -261,17 +262,23 @@ class ChatService:
         self.accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_seconds
+        cut = asyncio.ensure_future(self._grace_cut.wait())
         # a loop, not one snapshot: a chat that was being set up when shutdown began registers late
-        while self._by_session and loop.time() < deadline:
+        while self._by_session and loop.time() < deadline and not cut.done():
             tasks = {g.task for g in self._by_session.values() if g.task is not None}
             log.info("waiting up to %.1fs for %d answer(s) to finish", deadline - loop.time(), len(tasks))
-            await asyncio.wait(tasks, timeout=deadline - loop.time())
+            await asyncio.wait(tasks | {cut}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+        cut.cancel()
         if self._by_session:
             log.info("cancelling %d answer(s) still running; their text so far is kept", len(self._by_session))
             for generation in list(self._by_session.values()):
                 generation.cancel("shutdown")
             tasks = {g.task for g in self._by_session.values() if g.task is not None}
             await asyncio.wait(tasks, timeout=STORE_FINISH_SECONDS + 1)
+
+    def cut_grace(self) -> None:
+        """End the shutdown grace now (a second SIGTERM/SIGINT): cancel and store what runs."""
+        self._grace_cut.set()
 
     # --- internals ------------------------------------------------------------------
 

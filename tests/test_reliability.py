@@ -507,3 +507,29 @@ async def test_upstream_failures_are_logged_with_the_answer_id_and_reach_the_cli
                            "sessionId": result.last["sessionId"], "messageId": message_id}
     logged = [r.getMessage() for r in caplog.records if message_id in r.getMessage()]
     assert logged and "upstream_error" in logged[0] and "HTTP 500" in logged[0]
+
+
+async def test_a_second_signal_cuts_the_grace_short(tmp_path, upstream):
+    server = ServerProcess(tmp_path, upstream, AICHAT_SERVER_SHUTDOWN_GRACE_SECONDS="60")
+    await server.start()
+    upstream.default = Script(chunks=SLOW_CHUNKS, delay=0.2)  # about 6 s
+    events: list = []
+    first = asyncio.Event()
+    task = asyncio.create_task(stream_from(server.url, {"message": "go", "sessionId": "impatient"}, events, first))
+    await asyncio.wait_for(first.wait(), 20)
+    server.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    assert await server.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 5  # not the 60 s grace, nor the 6 s answer
+    await task
+    assert events[-1]["done"] is True and events[-1]["cancelled"] is True
+
+    restarted = ServerProcess(tmp_path, upstream)
+    await restarted.start()
+    try:
+        stored = (await history(Remote(restarted.port), "impatient"))[1]
+        assert stored["status"] == "partial"
+        assert stored["content"] == "".join(e.get("content", "") for e in events)
+    finally:
+        await restarted.stop(signal.SIGTERM)
