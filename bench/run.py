@@ -541,7 +541,7 @@ def plan(mode: str, quick: bool) -> dict[str, Any]:
                     ("bursty-500", 500, r(4), 100, 0), ("paced-50", 50, r(3), 100, 20),
                     ("paced-200", 200, r(3), 100, 20)],
         "idle": [1000, 10000] if not quick else [1000, 4000], "idle_processes": 2,
-        "rounds": 10, "round_load": [("round", 50, r(5), 100, 0)],
+        "rounds": 20, "round_load": [("round", 50, r(5), 100, 0)],
         "keys": {"bursty_one": "bursty-1", "bursty_mid": "bursty-50", "paced_high": "paced-200"},
         "deadline": 180,
     }
