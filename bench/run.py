@@ -476,13 +476,15 @@ def check_targets(streams: dict[tuple[str, str], tuple[dict, dict]], idle: list[
 
     main = get("sse", keys["bursty_mid"])
     if main:
-        ratio = main[0]["cpu_ms_per_1k_chunks"] / main[1]["cpu_ms_per_1k_chunks"]
+        # psutil's CPU times tick at 10 ms: a tiny load (smoke) can measure 0 for the relay
+        ratio = main[0]["cpu_ms_per_1k_chunks"] / max(main[1]["cpu_ms_per_1k_chunks"], 1e-9)
         checks.append((f"SSE server CPU per chunk <= 2x bare relay ({keys['bursty_mid']})", ratio <= 2.0,
                        f"{ratio:.2f}x ({main[0]['cpu_ms_per_1k_chunks']:.1f} vs "
                        f"{main[1]['cpu_ms_per_1k_chunks']:.1f} ms/1k chunks)"))
     main = get("socketio", keys["bursty_mid"])
     if main:
-        ratio = main[0]["cpu_ms_per_1k_chunks"] / main[1]["cpu_ms_per_1k_chunks"]
+        # psutil's CPU times tick at 10 ms: a tiny load (smoke) can measure 0 for the relay
+        ratio = main[0]["cpu_ms_per_1k_chunks"] / max(main[1]["cpu_ms_per_1k_chunks"], 1e-9)
         checks.append((f"Socket.IO server CPU per chunk <= 1.5x bare relay ({keys['bursty_mid']})", ratio <= 1.5,
                        f"{ratio:.2f}x ({main[0]['cpu_ms_per_1k_chunks']:.1f} vs "
                        f"{main[1]['cpu_ms_per_1k_chunks']:.1f} ms/1k chunks)"))
