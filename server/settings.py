@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,22 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _optional_integer(minimum: int) -> Callable[[str], int | None]:
+    whole = _integer(minimum)
+
+    def parse(raw: str) -> int | None:
+        return whole(raw) if raw.strip() else None
+
+    return parse
+
+
+def _key_prefix(raw: str) -> str:
+    value = raw.strip()
+    if not value or not all(c.isalnum() or c in "_-.:" for c in value):
+        raise ValueError(f"{value!r} must be non-empty letters, digits, '_', '-', '.' or ':'")
+    return value
+
+
 def _comma_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -144,6 +161,11 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "body_timeout_seconds": ("30", _seconds(0, exclusive=True)),
         "socketio_ping_interval_seconds": ("25", _seconds(0, exclusive=True)),
         "socketio_ping_timeout_seconds": ("20", _seconds(0, exclusive=True)),
+        "max_connections": ("0", _integer(0)),
+        "allowed_hosts": ("", _comma_list),
+        "web_ui": ("true", _boolean),
+        "metrics": ("true", _boolean),
+        "log_format": ("text", _choice("text", "json")),
     },
     "ai": {
         "provider": ("auto", _choice("auto", "openai", "demo")),
@@ -156,6 +178,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "request_timeout_seconds": ("60", _seconds(0, exclusive=True)),
         "max_retries": ("2", _integer(0, 10)),
         "on_client_disconnect": ("finish", _choice("finish", "cancel")),
+        "max_tokens": ("", _optional_integer(1)),
     },
     "storage": {
         "mongodb_uri": ("", _text),
@@ -171,11 +194,19 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "jwt_audience": ("", _text),
         "jwt_issuer": ("", _text),
         "user_id_claim": ("sub", _text),
+        "jwt_require_exp": ("true", _boolean),
     },
     "rate_limit": {
         "window_seconds": ("900", _seconds(0, exclusive=True)),
         "authenticated_limit": ("100", _integer(1)),
         "anonymous_limit": ("20", _integer(1)),
+    },
+    "cluster": {
+        "redis_url": ("", _text),
+        "key_prefix": ("aichat", _key_prefix),
+        # empty: host:pid, filled in at load time
+        "node_id": ("", _text),
+        "lock_ttl_seconds": ("15", _seconds(1)),
     },
 }
 
@@ -193,6 +224,11 @@ class ServerSettings:
     body_timeout_seconds: float
     socketio_ping_interval_seconds: float
     socketio_ping_timeout_seconds: float
+    max_connections: int
+    allowed_hosts: tuple[str, ...]
+    web_ui: bool
+    metrics: bool
+    log_format: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +243,7 @@ class AISettings:
     request_timeout_seconds: float
     max_retries: int
     on_client_disconnect: str
+    max_tokens: int | None
 
     @property
     def resolved_provider(self) -> str:
@@ -233,6 +270,7 @@ class AuthSettings:
     jwt_audience: str
     jwt_issuer: str
     user_id_claim: str
+    jwt_require_exp: bool
 
     @property
     def enabled(self) -> bool:
@@ -247,12 +285,25 @@ class RateLimitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    redis_url: str = dataclasses.field(repr=False)
+    key_prefix: str
+    node_id: str
+    lock_ttl_seconds: float
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     ai: AISettings
     storage: StorageSettings
     auth: AuthSettings
     rate_limit: RateLimitSettings
+    cluster: ClusterSettings
 
 
 _SECTION_TYPES = {
@@ -261,6 +312,7 @@ _SECTION_TYPES = {
     "storage": StorageSettings,
     "auth": AuthSettings,
     "rate_limit": RateLimitSettings,
+    "cluster": ClusterSettings,
 }
 
 
@@ -327,6 +379,8 @@ def load_settings(
                 parsed[key] = parse(raw[(section, key)])
             except ValueError as exc:
                 raise SettingsError(f"{section}.{key}", str(exc)) from None
+        if section == "cluster" and not parsed["node_id"]:
+            parsed["node_id"] = f"{socket.gethostname()}:{os.getpid()}"
         sections[section] = _SECTION_TYPES[section](**parsed)
     settings = Settings(**sections)
     _check_consistency(settings)

@@ -21,9 +21,8 @@ from server.settings import SCHEMA, WELL_KNOWN_ENV, Settings, SettingsError, loa
 from tests.conftest import make_settings, sse_post
 
 ROOT = Path(__file__).resolve().parent.parent
-# The public contract; read when this checkout has it, so the table and the code cannot drift.
-# CI lays a copy of shared/ beside the clone, as the developers have it
-API_MD_CANDIDATES = (ROOT.parent / "shared" / "API.md", Path("/work/shared/API.md"))
+# The project's API reference: its settings table and the code cannot drift.
+API_MD_CANDIDATES = (ROOT / "docs" / "API.md",)
 
 # The defaults of API.md's settings table, typed.
 EXPECTED_DEFAULTS: dict[tuple[str, str], Any] = {
@@ -55,6 +54,22 @@ EXPECTED_DEFAULTS: dict[tuple[str, str], Any] = {
     ("rate_limit", "window_seconds"): 900,
     ("rate_limit", "authenticated_limit"): 100,
     ("rate_limit", "anonymous_limit"): 20,
+    ("server", "idle_connection_timeout_seconds"): 75,
+    ("server", "body_timeout_seconds"): 30,
+    ("server", "socketio_ping_interval_seconds"): 25,
+    ("server", "socketio_ping_timeout_seconds"): 20,
+    ("server", "max_connections"): 0,
+    ("server", "allowed_hosts"): (),
+    ("server", "web_ui"): True,
+    ("server", "metrics"): True,
+    ("server", "log_format"): "text",
+    ("ai", "max_retries"): 2,
+    ("ai", "max_tokens"): None,
+    ("storage", "checkpoint_seconds"): 2,
+    ("auth", "jwt_require_exp"): True,
+    ("cluster", "redis_url"): "",
+    ("cluster", "key_prefix"): "aichat",
+    ("cluster", "lock_ttl_seconds"): 15,
 }
 
 
@@ -103,7 +118,8 @@ def expect_error(key: str, path: Path | None = None, environ: dict[str, str] | N
 
 def test_api_md_table_is_parsed():
     keys = api_md_keys()
-    assert len(keys) == len(EXPECTED_DEFAULTS) + 1  # + ai.system_prompt, which has no default there
+    # + ai.system_prompt, which has no default there, and cluster.node_id, whose default is computed
+    assert len(keys) == len(EXPECTED_DEFAULTS) + 2
     assert set(EXPECTED_DEFAULTS) <= set(keys)
 
 
@@ -114,10 +130,12 @@ def test_defaults_match_api_md():
     # and the table's own bracketed defaults, read with each key's parser
     for (section, key), default in api_md_keys().items():
         assert key in SCHEMA[section], (section, key)
-        if default is not None:
-            raw = "" if default == "empty" else default
+        if default is not None and (section, key) != ("cluster", "node_id"):
+            raw = "" if default == "empty" else default.split(" = ")[0]  # "0 = 80% of ...": the value
             assert value(settings, section, key) == SCHEMA[section][key][1](raw), (section, key)
     assert settings.ai.resolved_provider == "demo"
+    host, _, pid = settings.cluster.node_id.rpartition(":")
+    assert host == socket.gethostname() and pid == str(os.getpid())
     assert settings.auth.enabled is False
 
 
