@@ -39,7 +39,7 @@ bench-smoke: $(STAMP)
 # Re-resolve the lock from pyproject.toml's ranges (run after changing dependencies).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev]' && .lock-venv/bin/pip uninstall -y -q aichat-stream
+	.lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev,binary]' && .lock-venv/bin/pip uninstall -y -q aichat-stream
 	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^aichat-stream' > constraints.txt
 	rm -rf .lock-venv
 

@@ -1,0 +1,136 @@
+"""HTTP streaming transport: POST a message, get its answer as Server-Sent Events."""
+
+from __future__ import annotations
+
+import json
+
+import tornado.web
+
+from handlers.api_base import ApiHandler, as_chat_error
+from handlers.sse import SSE_HEADERS, SseWriter
+from services.chat_service import ChatService
+from services.errors import ChatError
+from services.generation import Generation
+
+
+class SseHandler(ApiHandler):
+    """Shared by the chat and the resume endpoints: SSE response set-up and teardown."""
+
+    def initialize(  # type: ignore[override]
+        self, chat: ChatService, cors_origins: tuple[str, ...], heartbeat_seconds: float, max_body_bytes: int
+    ) -> None:
+        super().initialize(chat, cors_origins)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.max_body_bytes = max_body_bytes
+        self.writer: SseWriter | None = None
+        self.generation: Generation | None = None
+
+    def start_event_stream(self) -> None:
+        # An event stream is never compressed, even in an application with
+        # compress_response on: gzip would hold frames back until its buffer fills.
+        self._transforms = [t for t in self._transforms if not isinstance(t, tornado.web.GZipContentEncoding)]
+        for name, value in SSE_HEADERS.items():
+            self.set_header(name, value)
+        # small frames must leave at once, not wait for Nagle's algorithm
+        self.request.connection.stream.set_nodelay(True)  # type: ignore[union-attr]
+
+    def on_connection_close(self) -> None:
+        if self.writer is not None:
+            self.writer.connection_lost()
+        if self.generation is not None and self.writer is not None:
+            self.chat.detach(self.generation, self.writer)
+
+
+@tornado.web.stream_request_body
+class ChatStreamHandler(SseHandler):
+    """POST /api/v2/ai/chat/stream"""
+
+    def prepare(self) -> None:
+        self.body = bytearray()
+        self.rejected = False
+        if self.request.method != "POST":
+            return
+        content_type = self.request.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            return self._reject(ChatError("unsupported_media_type", "Content-Type must be application/json."))
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return self._reject(self._too_large())
+        # chunked bodies are counted as they arrive (data_received). Tornado's own limit stays
+        # the server-wide one: past it Tornado answers a bare 400, not our 413.
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.rejected:
+            return
+        self.body += chunk
+        if len(self.body) > self.max_body_bytes:
+            self._reject(self._too_large())
+
+    def _too_large(self) -> ChatError:
+        return ChatError("too_large", f"The request body is larger than {self.max_body_bytes} bytes.")
+
+    def _reject(self, error: ChatError) -> None:
+        # Tornado closes the connection after answering, since the rest of the body is unread
+        self.rejected = True
+        self.send_chat_error(error)
+
+    def send_chat_error(self, error: ChatError) -> None:
+        # every chat response tells the caller's budget, even one refused before the service saw it
+        if error.rate is None:
+            error.rate = self.chat.rate_status(self.caller())
+        super().send_chat_error(error)
+
+    async def post(self) -> None:
+        if self.rejected or self._finished:
+            return
+        try:
+            payload = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            payload = None
+        if not isinstance(payload, dict):
+            return self.send_chat_error(ChatError("invalid_json", "The body must be a JSON object."))
+        self.writer = SseWriter(self, self.heartbeat_seconds)
+        try:
+            started = await self.chat.start_chat(payload, self.caller(), self.writer)
+        except Exception as exc:
+            self.writer.connection_lost()
+            self.writer = None
+            return self.send_chat_error(as_chat_error(exc))
+        self.generation = started.generation
+        if self.writer.closed.done():  # the client left while the chat was being set up
+            self.chat.detach(started.generation, self.writer)
+            return
+        self.start_event_stream()
+        for name, value in started.rate.headers().items():
+            self.set_header(name, value)
+        self.flush()  # headers now: the client knows the stream is on before the first token
+        await self.writer.closed
+
+
+class ResumeStreamHandler(SseHandler):
+    """GET /api/v2/ai/chat/stream/{messageId} with Last-Event-ID: replay, then follow live."""
+
+    async def get(self, message_id: str) -> None:
+        last_event_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument("lastEventId", "")
+        after_seq = 0
+        if last_event_id:  # the `id:` of the last frame received: <messageId>:<seq>
+            event_message, _, seq = last_event_id.rpartition(":")
+            if event_message != message_id or not seq.isdigit():
+                return self.send_chat_error(
+                    ChatError("invalid_request", "Last-Event-ID is not an event id of this message.")
+                )
+            after_seq = int(seq)
+        self.writer = SseWriter(self, self.heartbeat_seconds)
+        self.start_event_stream()
+        try:
+            resumed = await self.chat.resume(message_id, after_seq, self.caller(), self.writer)
+        except Exception as exc:
+            self.writer.connection_lost()
+            self.writer = None
+            self.clear_header("Content-Type")
+            return self.send_chat_error(as_chat_error(exc))
+        self.generation = resumed
+        if self.writer.closed.done():
+            self.chat.detach(resumed, self.writer)
+            return
+        await self.writer.closed

@@ -1,0 +1,68 @@
+"""Builds each service once from the settings; nothing here is global."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.settings import Settings
+from services.ai.base import ChatProvider
+from services.ai.demo_provider import DemoProvider
+from services.ai.openai_provider import OpenAIProvider
+from services.auth import TokenVerifier
+from services.chat_service import ChatPolicy, ChatService
+from services.rate_limiter import RateLimiter
+from services.store.base import ChatStore
+from services.store.sqlite_store import SqliteStore
+
+
+def build_provider(settings: Settings) -> ChatProvider:
+    ai = settings.ai
+    if ai.resolved_provider == "demo":
+        return DemoProvider()
+    return OpenAIProvider(
+        api_key=ai.api_key,
+        base_url=ai.base_url,
+        model=ai.model,
+        timeout_seconds=ai.request_timeout_seconds,
+        max_retries=ai.max_retries,
+    )
+
+
+def build_store(settings: Settings) -> ChatStore:
+    storage = settings.storage
+    if storage.mongodb_uri:
+        from services.store.mongo_store import MongoStore  # motor/pymongo only when used
+
+        return MongoStore(storage.mongodb_uri, storage.mongodb_database, storage.mongodb_driver)
+    return SqliteStore(storage.sqlite_path)
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    auth = settings.auth
+    public_key = Path(auth.jwt_public_key_file).read_text() if auth.jwt_public_key_file else ""
+    return TokenVerifier(
+        secret=auth.jwt_secret,
+        public_key=public_key,
+        algorithms=auth.jwt_algorithms,
+        audience=auth.jwt_audience,
+        issuer=auth.jwt_issuer,
+        user_id_claim=auth.user_id_claim,
+    )
+
+
+def build_chat_service(settings: Settings, provider: ChatProvider, store: ChatStore) -> ChatService:
+    return ChatService(
+        provider=provider,
+        store=store,
+        verifier=build_verifier(settings),
+        limiter=RateLimiter(settings.rate_limit.window_seconds),
+        policy=ChatPolicy(
+            system_prompt=settings.ai.system_prompt,
+            max_history_messages=settings.ai.max_history_messages,
+            max_message_chars=settings.ai.max_message_chars,
+            on_client_disconnect=settings.ai.on_client_disconnect,
+            authenticated_limit=settings.rate_limit.authenticated_limit,
+            anonymous_limit=settings.rate_limit.anonymous_limit,
+            checkpoint_seconds=settings.storage.checkpoint_seconds,
+        ),
+    )

@@ -1,0 +1,109 @@
+"""Start-up, serving, and graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+import tornado.httpserver
+import tornado.netutil
+
+from server.app import Application, build_application
+from server.settings import Settings
+from server.socketio_server import MAX_FRAME_BYTES
+from services.store.base import ChatStore
+
+log = logging.getLogger("aichat")
+
+# Room for a burst of new connections (Tornado's default is 128).
+LISTEN_BACKLOG = 1024
+
+
+def describe(app: Application, address: str) -> str:
+    provider = app.provider
+    if provider.name == "demo":
+        ai = "AI provider demo (demo mode: no model configured; set OPENAI_API_KEY or OPENAI_BASE_URL)"
+    else:
+        ai = f"AI provider openai, model {provider.model} at {getattr(provider, 'endpoint', '')}"
+    return f"listening on http://{address} | {ai} | store {app.store.description}"
+
+
+@dataclass
+class RunningServer:
+    app: Application
+    http: tornado.httpserver.HTTPServer
+    port: int
+    stopped: bool = False
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Refuse new chats, give answers in flight ``grace_seconds``, then close everything."""
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            await self.app.chat.shutdown(grace_seconds)
+            self.http.stop()
+            await self.app.sio.shutdown()
+            await asyncio.wait_for(self.http.close_all_connections(), timeout=5)
+        except TimeoutError:
+            log.warning("some connections did not close in time")
+        finally:
+            await self.app.close()
+
+
+async def start_server(settings: Settings, store: ChatStore | None = None) -> RunningServer:
+    app = build_application(settings, store)
+    await app.open()
+    http = tornado.httpserver.HTTPServer(
+        app.web,
+        xheaders=settings.server.trust_proxy_headers,
+        # the chat endpoint enforces max_body_bytes itself (413); this caps the rest
+        max_body_size=max(settings.server.max_body_bytes, MAX_FRAME_BYTES) + 65536,
+        # reap connections that sit idle between requests, or trickle a request body
+        idle_connection_timeout=settings.server.idle_connection_timeout_seconds,
+        body_timeout=settings.server.body_timeout_seconds,
+    )
+    host = settings.server.host
+    sockets = tornado.netutil.bind_sockets(
+        settings.server.port, host, family=socket.AF_UNSPEC if ":" in host else socket.AF_INET,
+        backlog=LISTEN_BACKLOG,
+    )
+    http.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    log.info(describe(app, f"{host}:{port}"))
+    return RunningServer(app, http, port)
+
+
+def tune_garbage_collector() -> None:
+    """Keep start-up objects out of the cyclic GC's scans.
+
+    Everything loaded at start-up (the openai SDK's models alone are tens of MB of objects)
+    was traversed by every full collection, which stalled every stream. Frozen, they are
+    never scanned (measured: TTFC p99 at 50 bursty streams 224 -> ~150 ms on SSE,
+    197 -> ~105 ms on Socket.IO, CPU per chunk -10 to -20%). The thresholds stay the
+    defaults: raising them made RSS grow round after round in the memory benchmark.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully. Returns the exit code."""
+    running = await start_server(settings)
+    tune_garbage_collector()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down: no new chats; up to %gs for answers in flight (signal again to stop them now)",
+             settings.server.shutdown_grace_seconds)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, running.app.chat.cut_grace)
+    await running.shutdown(settings.server.shutdown_grace_seconds)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,405 @@
+"""Chat orchestration shared by every transport.
+
+Validation, authentication, ownership, rate limits, busy sessions, conversation context,
+persistence and cancellation all live here; transports only translate their wire format
+into these calls and render the events they get back through a GenerationListener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from services.ai.base import ChatProvider, UsageReport
+from services.auth import TokenVerifier
+from services.chat_request import MESSAGE_ID, check_session_id, new_id, parse_chat_message
+from services.errors import ChatError, UpstreamError
+from services.generation import MAX_ANSWER_CHARS, Generation, GenerationListener, Outcome
+from services.rate_limiter import RateLimiter, RateStatus
+from services.store.base import (
+    STATUS_COMPLETE,
+    STATUS_ERROR,
+    STATUS_PARTIAL,
+    ChatStore,
+    FinishedMessage,
+    NewTurn,
+    SessionRecord,
+    SessionSummary,
+    StoreError,
+)
+
+log = logging.getLogger("aichat.chat")
+T = TypeVar("T")
+
+# A fast upstream can hand over many chunks without the event loop getting a turn;
+# give it back at least this often so every stream keeps moving.
+FAIR_SLICE_SECONDS = 0.002
+
+# Longest wait for the final store write of an answer.
+STORE_FINISH_SECONDS = 10
+
+NOT_FOUND = "No such session."
+STORE_FAILED = "The conversation could not be saved; please try again."
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPolicy:
+    system_prompt: str
+    max_history_messages: int
+    max_message_chars: int
+    on_client_disconnect: str  # finish | cancel
+    authenticated_limit: int
+    anonymous_limit: int
+    checkpoint_seconds: float
+
+
+#: a Socket.IO message without a `token` field (as opposed to `token: null`, anonymous)
+NO_TOKEN: object = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: the credentials as the transport received them, and where from."""
+
+    client_ip: str
+    #: HTTP `Authorization` header, when the transport is HTTP
+    authorization: str | None = None
+    #: the token a Socket.IO message carried: it wins; None (`token: null`) is anonymous
+    token: object = NO_TOKEN
+    #: the token given once in the Socket.IO handshake, used when the message has none
+    handshake_token: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartedChat:
+    generation: Generation
+    rate: RateStatus
+
+
+class ChatService:
+    def __init__(
+        self,
+        *,
+        provider: ChatProvider,
+        store: ChatStore,
+        verifier: TokenVerifier,
+        limiter: RateLimiter,
+        policy: ChatPolicy,
+    ) -> None:
+        self.provider = provider
+        self.store = store
+        self.verifier = verifier
+        self.limiter = limiter
+        self.policy = policy
+        self.accepting = True
+        self._grace_cut = asyncio.Event()
+        self._by_session: dict[str, Generation] = {}
+        self._by_message: dict[str, Generation] = {}
+
+    # --- identity -------------------------------------------------------------------
+
+    def identify(self, caller: Caller) -> str | None:
+        """The caller's user id, None for anonymous; ChatError `invalid_token` for a bad token."""
+        if caller.authorization is not None:
+            return self.verifier.user_from_authorization(caller.authorization)
+        return self.verifier.user_id(caller.handshake_token if caller.token is NO_TOKEN else caller.token)
+
+    def rate_status(self, caller: Caller) -> RateStatus:
+        """The caller's chat budget, without using any (a bad token counts as its address)."""
+        try:
+            user = self.identify(caller)
+        except ChatError:
+            user = None
+        return self.limiter.peek(*self._rate_key(user, caller))
+
+    def _rate_key(self, user: str | None, caller: Caller) -> tuple[str, int]:
+        if user is not None:
+            return f"user:{user}", self.policy.authenticated_limit
+        return f"ip:{caller.client_ip}", self.policy.anonymous_limit
+
+    # --- chat -----------------------------------------------------------------------
+
+    async def start_chat(self, payload: object, caller: Caller, listener: GenerationListener) -> StartedChat:
+        """Check a chat message and start generating its answer, delivered to ``listener``.
+
+        Raises ChatError (with ``rate`` set when the caller is known) before anything starts.
+        """
+        try:
+            user = self.identify(caller)
+        except ChatError as error:
+            error.rate = self.rate_status(caller)
+            raise
+        rate_key, limit = self._rate_key(user, caller)
+        try:
+            request = parse_chat_message(payload, self.policy.max_message_chars)
+            if not self.accepting:
+                raise ChatError("unavailable", "The server is shutting down; please retry shortly.")
+            self._check_not_running(request.session_id, user)
+            context = None
+            if request.session_id_given:
+                context = await self._store_call(
+                    self.store.load_context(request.session_id, self.policy.max_history_messages)
+                )
+                if context is not None and context.owner is not None and context.owner != user:
+                    raise ChatError("not_found", NOT_FOUND)
+                self._check_not_running(request.session_id, user)  # another request may have won the race
+                if not self.accepting:  # shutdown began meanwhile
+                    raise ChatError("unavailable", "The server is shutting down; please retry shortly.")
+            rate = self.limiter.acquire(rate_key, limit)
+            if not rate.allowed:
+                raise ChatError("rate_limited", "Too many messages; please wait before sending more.",
+                                retry_after=rate.retry_after)
+        except ChatError as error:
+            if error.rate is None:
+                error.rate = self.limiter.peek(rate_key, limit)
+            raise
+
+        owner = context.owner if context is not None else user
+        generation = Generation(request.session_id, new_id(), owner, time.monotonic())
+        self._by_session[generation.session_id] = generation
+        self._by_message[generation.message_id] = generation
+        generation.attach(listener)
+        messages = [{"role": "system", "content": self.policy.system_prompt}] if self.policy.system_prompt else []
+        if context is not None:
+            messages.extend({"role": m.role, "content": m.content} for m in context.messages)
+        messages.append({"role": "user", "content": request.message})
+        turn = NewTurn(
+            session_id=generation.session_id,
+            owner=owner,
+            user_message_id=new_id(),
+            user_content=request.message,
+            assistant_message_id=generation.message_id,
+            model=self.provider.model,
+            created_at=datetime.now(UTC),
+        )
+        generation.task = asyncio.create_task(self._generate(generation, turn, messages))
+        return StartedChat(generation, rate)
+
+    def detach(self, generation: Generation, listener: GenerationListener) -> None:
+        """A client stopped listening (went away); apply `on_client_disconnect`."""
+        if generation.detach(listener) == 0 and self.policy.on_client_disconnect == "cancel":
+            generation.cancel("disconnect")
+
+    async def cancel(self, session_id: object, caller: Caller) -> Generation:
+        """Stop the answer being generated for a session (`not_found` if none is yours)."""
+        user = self.identify(caller)
+        session_id = check_session_id(session_id)
+        generation = self._by_session.get(session_id)
+        if generation is None or not self._may_access(generation.owner, user):
+            raise ChatError("not_found", "No answer is being generated for this session.")
+        generation.cancel("user")
+        return generation
+
+    async def resume(
+        self, message_id: object, after_seq: object, caller: Caller, listener: GenerationListener
+    ) -> Generation:
+        """Re-attach to an answer after ``after_seq``: live if still generating, else the stored one."""
+        user = self.identify(caller)
+        if not isinstance(message_id, str) or not MESSAGE_ID.fullmatch(message_id):
+            raise ChatError("invalid_request", "messageId is missing or malformed.")
+        if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
+            raise ChatError("invalid_request", "afterSeq must be a whole number, 0 or more.")
+        generation = self._by_message.get(message_id)
+        if generation is not None:
+            if not self._may_access(generation.owner, user):
+                raise ChatError("not_found", "No such message.")
+            generation.attach(listener, after_seq)
+            return generation
+        found = await self._store_call(self.store.get_message(message_id))
+        if found is None or found[0].role != "assistant" or not self._may_access(found[1], user):
+            raise ChatError("not_found", "No such message.")
+        generation = Generation.from_stored(*found)
+        generation.attach(listener, after_seq)
+        return generation
+
+    # --- history --------------------------------------------------------------------
+
+    async def get_session(self, session_id: object, caller: Caller) -> SessionRecord:
+        user = self.identify(caller)
+        session = await self._store_call(self.store.get_session(check_session_id(session_id)))
+        if session is None or not self._may_access(session.owner, user):
+            raise ChatError("not_found", NOT_FOUND)
+        return session
+
+    async def list_sessions(self, caller: Caller) -> list[SessionSummary]:
+        user = self.identify(caller)
+        if user is None:
+            raise ChatError("invalid_token", "Listing sessions needs a token.")
+        return await self._store_call(self.store.list_sessions(user))
+
+    async def delete_session(self, session_id: object, caller: Caller) -> None:
+        await self.get_session(session_id, caller)  # ownership check
+        running = self._by_session.get(str(session_id))
+        if running is not None:
+            running.cancel("user")
+            await asyncio.wait({running.task} if running.task else set())
+        await self._store_call(self.store.delete_session(str(session_id)))
+
+    async def ready(self) -> bool:
+        """Whether to send traffic here: the store answers and no shutdown has begun."""
+        if not self.accepting:
+            return False
+        try:
+            await asyncio.wait_for(self.store.ping(), timeout=5)
+        except (StoreError, TimeoutError):
+            return False
+        return True
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    @property
+    def active_count(self) -> int:
+        return len(self._by_session)
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Refuse new chats, let running answers finish for ``grace_seconds``, cancel the rest."""
+        self.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        cut = asyncio.ensure_future(self._grace_cut.wait())
+        # a loop, not one snapshot: a chat that was being set up when shutdown began registers late
+        while self._by_session and loop.time() < deadline and not cut.done():
+            tasks = {g.task for g in self._by_session.values() if g.task is not None}
+            log.info("waiting up to %.1fs for %d answer(s) to finish", deadline - loop.time(), len(tasks))
+            await asyncio.wait(tasks | {cut}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+        cut.cancel()
+        if self._by_session:
+            log.info("cancelling %d answer(s) still running; their text so far is kept", len(self._by_session))
+            for generation in list(self._by_session.values()):
+                generation.cancel("shutdown")
+            tasks = {g.task for g in self._by_session.values() if g.task is not None}
+            await asyncio.wait(tasks, timeout=STORE_FINISH_SECONDS + 1)
+
+    def cut_grace(self) -> None:
+        """End the shutdown grace now (a second SIGTERM/SIGINT): cancel and store what runs."""
+        self._grace_cut.set()
+
+    # --- internals ------------------------------------------------------------------
+
+    @staticmethod
+    def _may_access(owner: str | None, user: str | None) -> bool:
+        return owner is None or owner == user
+
+    def _check_not_running(self, session_id: str, user: str | None) -> None:
+        """`busy` while an answer is being generated; `not_found` if the session is not yours."""
+        running = self._by_session.get(session_id)
+        if running is None:
+            return
+        if not self._may_access(running.owner, user):
+            raise ChatError("not_found", NOT_FOUND)
+        raise ChatError("busy", "An answer for this session is still being generated.")
+
+    @staticmethod
+    async def _store_call(operation: Awaitable[T]) -> T:
+        try:
+            return await operation
+        except StoreError as exc:
+            log.error("store failure: %s", exc)
+            raise ChatError("internal_error", "The conversation store is unavailable; please try again.") from None
+
+    async def _generate(self, generation: Generation, turn: NewTurn, messages: list[dict[str, str]]) -> None:
+        generation.started = True
+        started = time.monotonic()
+        usage = UsageReport()
+        # The user message is written while the upstream works on its first token.
+        begun = asyncio.create_task(self.store.begin_turn(turn))
+        # If that write fails, stop the upstream call at once instead of at its first token.
+        begun.add_done_callback(lambda task: task.cancelled() or task.exception() is None or generation.cancel("store"))
+        ttft_ms: float | None = None
+        error: ChatError | None = None
+        checkpointing: asyncio.Task[None] | None = None
+        try:
+            # a cancel that came before this task ran is only noted (see Generation.cancel)
+            if generation.cancel_requested is None:
+                async with contextlib.aclosing(self.provider.stream(messages, usage)) as deltas:
+                    slice_start = next_checkpoint = time.monotonic()
+                    async for delta in deltas:
+                        if ttft_ms is None:
+                            # stored before the first frame is sent; shielded so that a cancel
+                            # meanwhile stops the answer, not the write of the question
+                            await asyncio.shield(begun)
+                            ttft_ms = (time.monotonic() - started) * 1000
+                            next_checkpoint = time.monotonic() + self.policy.checkpoint_seconds
+                        generation.publish(delta)
+                        if generation.length > MAX_ANSWER_CHARS:
+                            raise UpstreamError("upstream_error", f"answer longer than {MAX_ANSWER_CHARS} characters")
+                        now = time.monotonic()
+                        if now >= next_checkpoint:
+                            next_checkpoint = now + self.policy.checkpoint_seconds
+                            if checkpointing is None or checkpointing.done():
+                                checkpointing = asyncio.create_task(self._checkpoint(generation))
+                        if now - slice_start > FAIR_SLICE_SECONDS:
+                            await asyncio.sleep(0)
+                            slice_start = time.monotonic()
+            await asyncio.shield(begun)
+        except asyncio.CancelledError:
+            if generation.cancel_requested is None:
+                raise  # not ours: let it propagate
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        except UpstreamError as exc:
+            log.warning("answer %s: upstream %s: %s", generation.message_id, exc.code, exc.detail)
+            error = exc
+        except StoreError as exc:
+            log.error("answer %s: could not store the user message: %s", generation.message_id, exc)
+            error = ChatError("internal_error", STORE_FAILED)
+        except Exception:
+            log.exception("answer %s: unexpected failure", generation.message_id)
+            error = ChatError("internal_error", "The answer failed unexpectedly.")
+        await self._finish(generation, begun, checkpointing, usage, ttft_ms, error)
+
+    async def _checkpoint(self, generation: Generation) -> None:
+        try:
+            await self.store.checkpoint(generation.message_id, generation.text)
+        except StoreError as exc:
+            log.warning("answer %s: checkpoint failed: %s", generation.message_id, exc)
+
+    async def _finish(
+        self,
+        generation: Generation,
+        begun: asyncio.Task[None],
+        checkpointing: asyncio.Task[None] | None,
+        usage: UsageReport,
+        ttft_ms: float | None,
+        error: ChatError | None,
+    ) -> None:
+        generation.finishing = True  # from here on a cancel changes nothing
+        text = generation.text
+        cancelled = generation.cancel_requested is not None
+        if error is None and not cancelled:
+            status = STATUS_COMPLETE
+        else:
+            status = STATUS_PARTIAL if text else STATUS_ERROR
+        stored = False
+        try:
+            async with asyncio.timeout(STORE_FINISH_SECONDS):  # a hung store must not pin the session
+                if not begun.done():
+                    await asyncio.wait({begun})
+                if not begun.cancelled() and begun.exception() is None:
+                    if checkpointing is not None:
+                        await asyncio.wait({checkpointing})  # must not land after the final text
+                    await self.store.finish_message(
+                        FinishedMessage(
+                            message_id=generation.message_id,
+                            session_id=generation.session_id,
+                            content=text,
+                            status=status,
+                            finished_at=datetime.now(UTC),
+                            usage=usage.tokens,
+                            ttft_ms=ttft_ms,
+                        )
+                    )
+                    stored = True
+        except (StoreError, TimeoutError) as exc:
+            log.error("answer %s: could not store the answer: %s", generation.message_id, exc or "timed out")
+        finally:
+            if not stored and error is None:
+                error = ChatError("internal_error", STORE_FAILED)
+            self._by_session.pop(generation.session_id, None)
+            self._by_message.pop(generation.message_id, None)
+            generation.end(Outcome(status=status, text=text, error=error, cancelled=cancelled and error is None))

@@ -1,0 +1,260 @@
+"""The embedded store: SQLite in WAL mode, so a single host needs no database server.
+
+All SQL runs on one dedicated thread that owns the connection, so the event loop never
+blocks on disk and writes are serialised without locks. Each public method is one hop to
+that thread and runs its whole transaction there (aiosqlite would cost one hop per
+statement).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from services.store.base import (
+    STATUS_COMPLETE,
+    STATUS_PARTIAL,
+    ChatStore,
+    ContextMessage,
+    FinishedMessage,
+    MessageRecord,
+    NewTurn,
+    SessionContext,
+    SessionRecord,
+    SessionSummary,
+    StoreError,
+    make_title,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    owner TEXT,
+    title TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    message_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, updated_at DESC);
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    model TEXT,
+    usage TEXT,
+    ttft_ms REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, seq);
+"""
+
+MESSAGE_COLUMNS = "id, session_id, role, content, status, created_at, model, usage, ttft_ms"
+
+
+def _to_datetime(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+def _message(row: sqlite3.Row | tuple) -> MessageRecord:
+    message_id, session_id, role, content, status, created_at, model, usage, ttft_ms = row
+    return MessageRecord(
+        id=message_id,
+        session_id=session_id,
+        role=role,
+        content=content,
+        status=status,
+        created_at=_to_datetime(created_at),
+        model=model,
+        usage=json.loads(usage) if usage else None,
+        ttft_ms=ttft_ms,
+    )
+
+
+class SqliteStore(ChatStore):
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+        self.description = f"sqlite at {self._path}"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._connection: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def in_thread() -> T:
+            if self._connection is None:
+                raise StoreError("the store is closed")
+            try:
+                with self._connection:  # one transaction: commit, or roll back on error
+                    return work(self._connection)
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite: {exc}") from exc
+
+        if self._closed:  # close() stopped the thread: nothing can run any more
+            raise StoreError("the store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            try:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                connection = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=NORMAL")
+                connection.execute("PRAGMA busy_timeout=5000")
+                connection.executescript(SCHEMA)
+                # `with connection` below needs implicit transactions
+                connection.isolation_level = ""
+            except (OSError, sqlite3.Error) as exc:
+                raise StoreError(f"cannot open {self._path}: {exc}") from exc
+            self._connection = connection
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def disconnect() -> None:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, disconnect)
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def load_context(self, session_id: str, limit: int) -> SessionContext | None:
+        def read(db: sqlite3.Connection) -> SessionContext | None:
+            session = db.execute("SELECT owner FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if session is None:
+                return None
+            rows = db.execute(
+                "SELECT role, content FROM messages WHERE session_id = ? AND content != ''"
+                " ORDER BY seq DESC LIMIT ?",
+                (session_id, limit),
+            ).fetchall()
+            return SessionContext(owner=session[0], messages=[ContextMessage(r, c) for r, c in reversed(rows)])
+
+        return await self._run(read)
+
+    async def begin_turn(self, turn: NewTurn) -> None:
+        now = turn.created_at.timestamp()
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO sessions (id, owner, title, created_at, updated_at, message_count)"
+                " VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT(id) DO NOTHING",
+                (turn.session_id, turn.owner, make_title(turn.user_content), now, now),
+            )
+            count, owner = db.execute(
+                "UPDATE sessions SET message_count = message_count + 2, updated_at = ?"
+                " WHERE id = ? RETURNING message_count, owner",
+                (now, turn.session_id),
+            ).fetchone()
+            if owner is not None and owner != turn.owner:
+                # another writer created this session for someone else a moment ago
+                raise StoreError(f"session {turn.session_id} belongs to another user")
+            db.executemany(
+                "INSERT INTO messages (id, session_id, seq, role, content, status, created_at, updated_at, model)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (turn.user_message_id, turn.session_id, count - 1, "user", turn.user_content,
+                     STATUS_COMPLETE, now, now, None),
+                    (turn.assistant_message_id, turn.session_id, count, "assistant", "",
+                     STATUS_PARTIAL, now, now, turn.model),
+                ],
+            )
+
+        await self._run(write)
+
+    async def checkpoint(self, message_id: str, content: str) -> None:
+        now = datetime.now(UTC).timestamp()
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE messages SET content = ?, updated_at = ? WHERE id = ?", (content, now, message_id)
+            )
+        )
+
+    async def finish_message(self, finished: FinishedMessage) -> None:
+        now = finished.finished_at.timestamp()
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE messages SET content = ?, status = ?, updated_at = ?, usage = ?, ttft_ms = ? WHERE id = ?",
+                (
+                    finished.content,
+                    finished.status,
+                    now,
+                    json.dumps(finished.usage) if finished.usage else None,
+                    finished.ttft_ms,
+                    finished.message_id,
+                ),
+            )
+            db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, finished.session_id))
+
+        await self._run(write)
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        def read(db: sqlite3.Connection) -> SessionRecord | None:
+            session = db.execute(
+                "SELECT owner, title, created_at, updated_at FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+            if session is None:
+                return None
+            rows = db.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq", (session_id,)
+            ).fetchall()
+            owner, title, created_at, updated_at = session
+            return SessionRecord(
+                id=session_id,
+                owner=owner,
+                title=title,
+                created_at=_to_datetime(created_at),
+                updated_at=_to_datetime(updated_at),
+                messages=[_message(row) for row in rows],
+            )
+
+        return await self._run(read)
+
+    async def get_message(self, message_id: str) -> tuple[MessageRecord, str | None] | None:
+        def read(db: sqlite3.Connection) -> tuple[MessageRecord, str | None] | None:
+            row = db.execute(
+                f"SELECT {', '.join('m.' + c.strip() for c in MESSAGE_COLUMNS.split(','))}, s.owner"
+                " FROM messages m JOIN sessions s ON s.id = m.session_id WHERE m.id = ?",
+                (message_id,),
+            ).fetchone()
+            return None if row is None else (_message(row[:-1]), row[-1])
+
+        return await self._run(read)
+
+    async def list_sessions(self, owner: str, limit: int = 100) -> list[SessionSummary]:
+        def read(db: sqlite3.Connection) -> list[SessionSummary]:
+            rows = db.execute(
+                "SELECT id, title, updated_at, message_count FROM sessions WHERE owner = ?"
+                " ORDER BY updated_at DESC LIMIT ?",
+                (owner, limit),
+            ).fetchall()
+            return [SessionSummary(i, t, _to_datetime(u), c) for i, t, u, c in rows]
+
+        return await self._run(read)
+
+    async def delete_session(self, session_id: str) -> bool:
+        def write(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
+
+        return await self._run(write)
