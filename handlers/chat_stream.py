@@ -7,6 +7,7 @@ import json
 import tornado.web
 
 from handlers.api_base import ApiHandler, as_chat_error
+from handlers.identity import Identify
 from handlers.sse import SSE_HEADERS, SseWriter
 from services.chat_service import ChatService
 from services.errors import ChatError
@@ -17,9 +18,10 @@ class SseHandler(ApiHandler):
     """Shared by the chat and the resume endpoints: SSE response set-up and teardown."""
 
     def initialize(  # type: ignore[override]
-        self, chat: ChatService, cors_origins: tuple[str, ...], heartbeat_seconds: float, max_body_bytes: int
+        self, chat: ChatService, cors_origins: tuple[str, ...], heartbeat_seconds: float, max_body_bytes: int,
+        identify: Identify | None = None,
     ) -> None:
-        super().initialize(chat, cors_origins)
+        super().initialize(chat, cors_origins, identify)
         self.heartbeat_seconds = heartbeat_seconds
         self.max_body_bytes = max_body_bytes
         self.writer: SseWriter | None = None
@@ -45,9 +47,13 @@ class SseHandler(ApiHandler):
 class ChatStreamHandler(SseHandler):
     """POST /api/v2/ai/chat/stream"""
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         self.body = bytearray()
         self.rejected = False
+        await super().prepare()
+        if self._finished:
+            self.rejected = True
+            return
         if self.request.method != "POST":
             return
         content_type = self.request.headers.get("Content-Type", "")

@@ -9,6 +9,7 @@ from typing import Any
 import socketio
 
 from handlers.api_base import as_chat_error
+from handlers.identity import Identify, host_user
 from services.chat_service import NO_TOKEN, Caller, ChatService
 from services.errors import ChatError
 from services.generation import Generation, Outcome
@@ -81,19 +82,22 @@ def end_event(session_id: str, message_id: str, outcome: Outcome) -> tuple[str, 
 class Connection:
     """What the namespace remembers per client: kept small, there may be many."""
 
-    __slots__ = ("client_ip", "token", "streams")
+    __slots__ = ("client_ip", "token", "host_user", "streams")
 
-    def __init__(self, client_ip: str, token: object) -> None:
+    def __init__(self, client_ip: str, token: object, host_user: str | None = None) -> None:
         self.client_ip = client_ip
         self.token = token
+        #: who the embedding host's login says this is, decided once on the handshake request
+        self.host_user = host_user
         #: answers this client is watching, by message id
         self.streams: dict[str, tuple[Generation, SocketStream]] = {}
 
 
 class ChatNamespace(socketio.AsyncNamespace):
-    def __init__(self, chat: ChatService, namespace: str = "/") -> None:
+    def __init__(self, chat: ChatService, identify: Identify | None = None, namespace: str = "/") -> None:
         super().__init__(namespace)
         self.chat = chat
+        self.identify = identify
         self.connections: dict[str, Connection] = {}
 
     async def trigger_event(self, event: str, *args: Any) -> Any:
@@ -114,7 +118,12 @@ class ChatNamespace(socketio.AsyncNamespace):
         # has the real one (and honours X-Forwarded-For when the server trusts proxies)
         request = environ["tornado.handler"].request
         token = auth.get("token") if isinstance(auth, dict) else None
-        self.connections[sid] = Connection(request.remote_ip or "unknown", token)
+        try:
+            # the handshake request carries the host's cookies, for polling and websocket alike
+            user = await host_user(self.identify, request)
+        except ChatError as error:
+            raise socketio.exceptions.ConnectionRefusedError(error.to_payload()) from None
+        self.connections[sid] = Connection(request.remote_ip or "unknown", token, user)
 
     async def on_disconnect(self, sid: str, reason: object = None) -> None:
         connection = self.connections.pop(sid, None)
@@ -126,7 +135,8 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     def _caller(self, connection: Connection, data: object) -> Caller:
         token = data.get("token", NO_TOKEN) if isinstance(data, dict) else NO_TOKEN
-        return Caller(client_ip=connection.client_ip, token=token, handshake_token=connection.token)
+        return Caller(client_ip=connection.client_ip, token=token, handshake_token=connection.token,
+                      host_user=connection.host_user)
 
     async def _error(self, sid: str, error: ChatError, session_id: object = None) -> None:
         payload = error.to_payload()

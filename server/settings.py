@@ -373,18 +373,35 @@ def load_settings(
 
     sections: dict[str, Any] = {}
     for section, keys in SCHEMA.items():
-        parsed = {}
-        for key, (_, parse) in keys.items():
-            try:
-                parsed[key] = parse(raw[(section, key)])
-            except ValueError as exc:
-                raise SettingsError(f"{section}.{key}", str(exc)) from None
+        parsed = {key: _parse(section, key, raw[(section, key)]) for key in keys}
         if section == "cluster" and not parsed["node_id"]:
             parsed["node_id"] = f"{socket.gethostname()}:{os.getpid()}"
         sections[section] = _SECTION_TYPES[section](**parsed)
     settings = Settings(**sections)
     _check_consistency(settings)
     return settings
+
+
+def with_environment(settings: Settings, environ: Mapping[str, str] | None = None) -> Settings:
+    """``settings`` with the environment's keys laid over it (a host passing a Settings object)."""
+    changed: dict[str, dict[str, Any]] = {}
+    for (section, key), raw in _read_environment(os.environ if environ is None else environ).items():
+        changed.setdefault(section, {})[key] = _parse(section, key, raw)
+    if not changed:
+        return settings
+    settings = dataclasses.replace(
+        settings,
+        **{section: dataclasses.replace(getattr(settings, section), **keys) for section, keys in changed.items()},
+    )
+    _check_consistency(settings)
+    return settings
+
+
+def _parse(section: str, key: str, raw: str) -> Any:
+    try:
+        return SCHEMA[section][key][1](raw)
+    except ValueError as exc:
+        raise SettingsError(f"{section}.{key}", str(exc)) from None
 
 
 def _check_consistency(settings: Settings) -> None:

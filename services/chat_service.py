@@ -74,6 +74,8 @@ class Caller:
     token: object = NO_TOKEN
     #: the token given once in the Socket.IO handshake, used when the message has none
     handshake_token: object = None
+    #: the user an embedding host's own login named; when set, no token is looked at
+    host_user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,8 @@ class ChatService:
 
     def identify(self, caller: Caller) -> str | None:
         """The caller's user id, None for anonymous; ChatError `invalid_token` for a bad token."""
+        if caller.host_user is not None:
+            return caller.host_user
         if caller.authorization is not None:
             return self.verifier.user_from_authorization(caller.authorization)
         return self.verifier.user_id(caller.handshake_token if caller.token is NO_TOKEN else caller.token)
