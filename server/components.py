@@ -34,7 +34,7 @@ def build_store(settings: Settings) -> ChatStore:
         from services.store.mongo_store import MongoStore  # motor/pymongo only when used
 
         return MongoStore(storage.mongodb_uri, storage.mongodb_database, storage.mongodb_driver)
-    return SqliteStore(storage.sqlite_path)
+    return SqliteStore(str(settings.sqlite_file))
 
 
 def build_verifier(settings: Settings) -> TokenVerifier:

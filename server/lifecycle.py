@@ -23,6 +23,11 @@ log = logging.getLogger("aichat")
 # Room for a burst of new connections (Tornado's default is 128).
 LISTEN_BACKLOG = 1024
 
+# One SIGTERM to a process group can arrive twice: the one-file executable's launcher
+# forwards its own copy to the server. Only a signal this long after the first counts as
+# "signal again" (cut the grace short).
+REPEAT_SIGNAL_SECONDS = 1.0
+
 
 @dataclass
 class RunningServer:
@@ -66,7 +71,8 @@ async def start_server(settings: Settings, store: ChatStore | None = None) -> Ru
     )
     http.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
-    log.info("listening on http://%s:%d | %s", host, port, app.describe())
+    loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    log.info("listening on http://%s:%d | %s | event loop %s", host, port, app.describe(), loop)
     return RunningServer(app, http, port)
 
 
@@ -92,10 +98,17 @@ async def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    first_signal = loop.time()
     log.info("shutting down: no new chats; up to %gs for answers in flight (signal again to stop them now)",
              settings.server.shutdown_grace_seconds)
+
+    def signal_again() -> None:
+        if loop.time() - first_signal >= REPEAT_SIGNAL_SECONDS:
+            log.info("signalled again: stopping the answers in flight now")
+            running.app.cut_grace()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, running.app.cut_grace)
+        loop.add_signal_handler(signum, signal_again)
     await running.shutdown(settings.server.shutdown_grace_seconds)
     log.info("stopped")
     return 0

@@ -85,7 +85,7 @@ def _message(row: sqlite3.Row | tuple) -> MessageRecord:
 class SqliteStore(ChatStore):
     def __init__(self, path: str) -> None:
         self._path = Path(path)
-        self.description = f"sqlite at {self._path}"
+        self.description = f"sqlite at {self._path.resolve()}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._connection: sqlite3.Connection | None = None
         self._closed = False
