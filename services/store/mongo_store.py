@@ -49,12 +49,16 @@ _MESSAGE_FIELDS = {
 
 @contextlib.contextmanager
 def _translated(action: str) -> Iterator[None]:
-    """Turn driver errors into StoreError so callers handle one exception type."""
+    """Turn every error into StoreError so callers handle one exception type."""
     try:
         yield
+    except StoreError:
+        raise
     except (PyMongoError, BSONError) as exc:
         # pymongo's messages name hosts, never the credentials of the URI
         raise StoreError(f"mongodb {action}: {exc}") from exc
+    except Exception as exc:  # an encoding error, a driver bug...: still the store failing
+        raise StoreError(f"mongodb {action}: {type(exc).__name__}") from exc
 
 
 def _message(doc: dict[str, Any]) -> MessageRecord:
