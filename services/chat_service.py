@@ -328,8 +328,10 @@ class ChatService:
         checkpointing: asyncio.Task[None] | None = None
         try:
             if not self.store_health.healthy:
-                # the store failed lately: store the question first, so a full disk does not
-                # cost an upstream call per message (healthy, the two overlap: see the commit)
+                # The store failed lately: store the question before calling the upstream, so a
+                # full disk does not cost an upstream call per message. While healthy the two
+                # overlap: awaiting first would add the write to every answer's first token
+                # (SQLite: median 0.12 ms, p99 5 ms; MongoDB: a network round trip).
                 await asyncio.shield(begun)
             # a cancel that came before this task ran is only noted (see Generation.cancel)
             if generation.cancel_requested is None:
