@@ -13,6 +13,7 @@ from handlers.identity import Identify, host_user
 from services.chat_service import NO_TOKEN, Caller, ChatService
 from services.errors import ChatError
 from services.generation import Generation, Outcome
+from services.store.base import STATUS_ERROR
 
 log = logging.getLogger("aichat.socketio")
 
@@ -45,9 +46,21 @@ class SocketStream:
 
     def on_end(self, generation: Generation, outcome: Outcome) -> None:
         self._outcome = outcome
-        self._connection.streams.pop(generation.message_id, None)
+        if self._connection.streams.get(generation.message_id, (None, None))[1] is self:
+            del self._connection.streams[generation.message_id]
         if self._sender is None:
             self._sender = asyncio.create_task(self._send(generation))
+
+    def abort(self, generation: Generation) -> None:
+        # dropped after a failure: whatever is queued is suspect; end with an error instead
+        self._pending.clear()
+        self.on_end(generation, Outcome(status=STATUS_ERROR, text="",
+                                        error=ChatError("internal_error", "The answer could not be delivered.")))
+
+    def replaced(self) -> None:
+        """A newer `ai:resume` of this answer on this connection took over: send nothing more."""
+        self._pending.clear()
+        self._ended = True
 
     async def _send(self, generation: Generation) -> None:
         emit = self._namespace.emit
@@ -181,4 +194,10 @@ class ChatNamespace(socketio.AsyncNamespace):
         except Exception as exc:
             return await self._error(sid, as_chat_error(exc))
         if resumed.outcome is None:
+            # one stream per answer per connection: a repeated resume (or a resume of the chat
+            # this connection started) replaces the earlier one rather than adding a copy
+            earlier = connection.streams.get(resumed.message_id)
             connection.streams[resumed.message_id] = (resumed, stream)
+            if earlier is not None:
+                earlier[1].replaced()
+                resumed.detach(earlier[1])

@@ -25,6 +25,7 @@ def build_provider(settings: Settings) -> ChatProvider:
         model=ai.model,
         timeout_seconds=ai.request_timeout_seconds,
         max_retries=ai.max_retries,
+        max_tokens=ai.max_tokens,
     )
 
 
@@ -47,6 +48,7 @@ def build_verifier(settings: Settings) -> TokenVerifier:
         audience=auth.jwt_audience,
         issuer=auth.jwt_issuer,
         user_id_claim=auth.user_id_claim,
+        require_exp=auth.jwt_require_exp,
     )
 
 

@@ -8,6 +8,7 @@ the SDK's typed per-chunk objects cost several times more CPU than the relay its
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,6 +19,11 @@ from services.ai.base import UsageReport
 from services.errors import UpstreamError
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+# A decoded JSON string can hold a lone surrogate ("\ud800"): UTF-8 cannot encode it, so it
+# would break every writer downstream. Paired surrogates decode to one code point, so any
+# surrogate left in a Python string is a lone one.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class OpenAIProvider:
@@ -31,8 +37,11 @@ class OpenAIProvider:
         model: str,
         timeout_seconds: float,
         max_retries: int,
+        max_tokens: int | None = None,
     ) -> None:
         self.model = model
+        #: the answer's length limit sent to the model; None: the model's own
+        self.max_tokens = max_tokens
         self.base_url = base_url or OPENAI_DEFAULT_BASE_URL
         #: the endpoint as logs show it: no credentials, no query string
         self.endpoint = _redacted(self.base_url)
@@ -55,7 +64,8 @@ class OpenAIProvider:
                 # Our messages are plain JSON already: handing them over as extra_body skips
                 # the SDK's typed transformation, ~170 us per message on every request.
                 messages=[],
-                extra_body={"messages": messages},
+                extra_body={"messages": messages} if self.max_tokens is None
+                else {"messages": messages, "max_tokens": self.max_tokens},
                 stream=True,
                 stream_options={"include_usage": True},
             ) as response:
@@ -75,6 +85,9 @@ class OpenAIProvider:
                         choice = choices[0]
                         content = (choice.get("delta") or {}).get("content")
                         if content:
+                            # isascii() is O(1): the regex runs only on non-ASCII chunks
+                            if not content.isascii() and _LONE_SURROGATE.search(content) is not None:
+                                content = _LONE_SURROGATE.sub("\ufffd", content)
                             yield content
                         if choice.get("finish_reason"):
                             finished = True
