@@ -11,6 +11,7 @@ from handlers.api_base import NotFoundHandler
 from handlers.chat_stream import ChatStreamHandler, ResumeStreamHandler
 from handlers.health import HealthHandler, ReadyHandler
 from handlers.sessions import CancelHandler, SessionHandler, SessionListHandler
+from handlers.web_ui import web_ui_routes
 from server.components import build_chat_service, build_provider, build_store
 from server.settings import Settings
 from server.socketio_server import MAX_FRAME_BYTES, build_socketio
@@ -47,17 +48,20 @@ def build_application(settings: Settings, store: ChatStore | None = None) -> App
     server = settings.server
     api = {"chat": chat, "cors_origins": server.cors_origins}
     stream = {**api, "heartbeat_seconds": server.heartbeat_seconds, "max_body_bytes": server.max_body_bytes}
+    routes: list[tuple] = [
+        (r"/api/v2/ai/chat/stream", ChatStreamHandler, stream),
+        (r"/api/v2/ai/chat/stream/" + SESSION_ID, ResumeStreamHandler, stream),
+        (r"/api/v2/ai/chat/sessions", SessionListHandler, api),
+        (r"/api/v2/ai/chat/sessions/" + SESSION_ID + r"/cancel", CancelHandler, api),
+        (r"/api/v2/ai/chat/sessions/" + SESSION_ID, SessionHandler, api),
+        (r"/healthz", HealthHandler, api),
+        (r"/readyz", ReadyHandler, api),
+        (r"/socket.io/", socketio_handler),
+    ]
+    if server.web_ui:
+        routes += web_ui_routes("")
     web = tornado.web.Application(
-        [
-            (r"/api/v2/ai/chat/stream", ChatStreamHandler, stream),
-            (r"/api/v2/ai/chat/stream/" + SESSION_ID, ResumeStreamHandler, stream),
-            (r"/api/v2/ai/chat/sessions", SessionListHandler, api),
-            (r"/api/v2/ai/chat/sessions/" + SESSION_ID + r"/cancel", CancelHandler, api),
-            (r"/api/v2/ai/chat/sessions/" + SESSION_ID, SessionHandler, api),
-            (r"/healthz", HealthHandler, api),
-            (r"/readyz", ReadyHandler, api),
-            (r"/socket.io/", socketio_handler),
-        ],
+        routes,
         default_handler_class=NotFoundHandler,
         default_handler_args=api,
         websocket_max_message_size=MAX_FRAME_BYTES,
