@@ -61,6 +61,9 @@ class WebFileHandler(tornado.web.StaticFileHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # as the API does: a JSON error, never Tornado's HTML page or a traceback
+        if status_code == 403:  # a path outside the folder, or not a file: as absent as any other
+            status_code = 404
+            self.set_status(404)
         code = WEB_STATUS_CODES.get(status_code, "internal_error")
         message = self._reason if status_code < 500 else "Internal server error."
         self.set_header("Content-Type", "application/json; charset=utf-8")
