@@ -483,7 +483,7 @@
       button.setAttribute('aria-current', String(session.sessionId === state.sessionId));
       const when = new Date(session.updatedAt);
       button.append(element('span', 'title', session.title || session.sessionId),
-                    element('span', 'when', isNaN(when) ? '' : when.toLocaleString()));
+                    element('span', 'when', isNaN(when) ? '' : when.toLocaleString([], { dateStyle: 'medium', timeStyle: 'short' })));
       button.addEventListener('click', () => openSession(session.sessionId));
       const item = element('li');
       item.append(button);
