@@ -9,6 +9,7 @@ scripts/setup_chromium.sh (run by `make test`).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -402,3 +403,66 @@ async def test_the_page_works_under_a_url_prefix(browser, tmp_path):
     assert {"/chat/", "/chat/web/app.js", "/chat/web/style.css", "/chat/api/v2/ai/chat/sessions",
             "/chat/api/v2/ai/chat/stream", "/chat/web/vendor/socket.io.min.js", "/chat/socket.io/"} <= paths, paths
     assert all(p.startswith("/chat") for p in paths), paths
+
+
+def readme_fetch_example(server_url: str) -> str:
+    """The README's browser fetch example, verbatim but for the server's address."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### Browser example (fetch)"):]
+    start = section.index("```js\n") + len("```js\n")
+    code = section[start:section.index("\n```", start)]
+    documented = "const SERVER = 'http://127.0.0.1:7000';"
+    assert documented in code
+    return code.replace(documented, f"const SERVER = {json.dumps(server_url)};")
+
+
+async def test_readme_fetch_example_from_another_origin_resumes_a_dropped_stream(make_server, upstream, browser):
+    """The README's example on a page of another origin (listed in cors_origins), the stream cut."""
+    import tornado.httpserver
+    import tornado.netutil
+    import tornado.web
+
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    page_origin = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+    server = await make_server(server__cors_origins=page_origin)
+    relay = Relay("127.0.0.1", server.port)
+    await relay.start()
+    script = paced(30, delay=0.08)
+    upstream.default = script
+    example = readme_fetch_example(f"http://127.0.0.1:{relay.port}")
+
+    class Page(tornado.web.RequestHandler):
+        def get(self, name: str) -> None:
+            if name == "example.js":
+                self.set_header("Content-Type", "text/javascript")
+                self.finish(example)
+            else:
+                self.finish('<!doctype html><div id="answer"></div><script type="module" src="/example.js"></script>')
+
+    http = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/(.*)", Page)]))
+    http.add_sockets(sockets)
+    context = await browser.new_context()
+    logged: list[str] = []
+    try:
+        page = await context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.on("console", lambda message: logged.append(message.text) if message.type == "log" else None)
+        await page.goto(page_origin + "/")
+        await page.wait_for_function("() => document.querySelector('#answer').textContent.length >= 30")
+        relay.cut()
+        async with asyncio.timeout(WAIT_MS / 1000):
+            while not logged:  # the example logs its result at the end
+                await asyncio.sleep(0.05)
+        shown = await page.locator("#answer").text_content()
+    finally:
+        await context.close()
+        http.stop()
+        await http.close_all_connections()
+        await relay.stop()
+    full = "".join(script.chunks)
+    assert shown == full  # each word once: nothing lost or repeated across the cut
+    (result,) = logged
+    session_id, _, text = result.partition(" ")
+    assert text == full
+    messages = await stored_messages(server, session_id)
+    assert messages[-1]["content"] == full
