@@ -26,6 +26,8 @@
     sessionId: null,
     answer: null, // the answer being streamed (one at a time)
     socket: null, // a Promise of the Socket.IO client, made on first use
+    followBottom: true, // keep the newest text in view, unless the reader scrolled up
+    scrollQueued: false,
   };
 
   // --- small helpers ----------------------------------------------------------------
@@ -117,6 +119,7 @@
     item.append(body, meta);
     ui.messages.append(item);
     ui.empty.hidden = true;
+    state.followBottom = true;
     scrollDown();
     return { item, body, text, meta };
   }
@@ -160,10 +163,16 @@
     stored.set(KEYS.pending, JSON.stringify({ sessionId: answer.sessionId, messageId }));
   }
 
+  // Per chunk: one appendData; the scroll (which needs a layout) at most once per frame.
   function appendChunk(answer, content) {
-    const follow = nearBottom();
     answer.view.text.appendData(content);
-    if (follow) scrollDown();
+    if (state.followBottom && !state.scrollQueued) {
+      state.scrollQueued = true;
+      requestAnimationFrame(() => {
+        state.scrollQueued = false;
+        if (state.followBottom) scrollDown();
+      });
+    }
   }
 
   function endAnswer(answer, outcome, error) {
@@ -184,7 +193,10 @@
     answer.ended = true;
     answer.view.item.remove();
     if (answer.userView) markMessage(answer.userView, 'refused', 'Not sent');
-    if (!ui.message.value && message) ui.message.value = message;
+    if (!ui.message.value && message) {
+      ui.message.value = message;
+      resizeInput();
+    }
     if (state.answer === answer) state.answer = null;
     showError(error);
     setStatus('');
@@ -572,6 +584,7 @@
       }
     });
     ui.message.addEventListener('input', resizeInput);
+    ui.conversation.addEventListener('scroll', () => { state.followBottom = nearBottom(); }, { passive: true });
     ui.stop.addEventListener('click', stop);
     ui.newChat.addEventListener('click', newChat);
     ui.transport.addEventListener('change', () => stored.set(KEYS.transport, ui.transport.value));
