@@ -301,6 +301,59 @@ async def test_a_dropped_connection_is_resumed_from_the_last_id(make_server, ups
     assert int(last_event_id.rpartition(":")[2]) > 0
 
 
+async def test_a_dropped_socketio_connection_is_resumed_from_the_last_seq(make_server, upstream, page):
+    server = await make_server()
+    relay = Relay("127.0.0.1", server.port)
+    await relay.start()
+    script = paced(30, delay=0.08)
+    upstream.default = script
+    sent: list[str] = []
+    # what the page sends, over either engine.io transport (a resume right after reconnecting
+    # often leaves by polling, before the upgrade to websocket)
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(str(payload))))
+    page.on("request", lambda r: sent.extend((r.post_data or "").split("\x1e")) if "/socket.io/" in r.url else None)
+    try:
+        await open_page(page, f"http://127.0.0.1:{relay.port}/")
+        await page.get_by_text("Settings").click()
+        await page.get_by_label("Transport").select_option("socketio")
+        await send(page, "a long answer please")
+        await page.wait_for_function(
+            "sel => (document.querySelector(sel)?.textContent || '').length >= 30", arg=ASSISTANT)
+        before = len(await page.locator(ASSISTANT).text_content() or "")
+        relay.cut()  # socket.io-client reconnects by itself; the page then asks to resume
+        (text,) = await wait_for_answers(page, 1)
+    finally:
+        await relay.stop()
+
+    assert text == "".join(script.chunks)
+    assert before < len(text)
+    messages = await stored_messages(server, await current_session(page))
+    assert (messages[-1]["content"], messages[-1]["status"]) == (text, "complete")
+    resumes = [json.loads(frame[frame.index("["):]) for frame in sent if "ai:resume" in frame]
+    assert len(resumes) == 1, sent
+    name, payload = resumes[0]
+    assert name == "ai:resume" and payload["messageId"] == messages[-1]["id"]
+    assert 0 < payload["afterSeq"] < len(text)
+
+
+async def test_a_reload_during_an_answer_shows_it_to_its_end(make_server, upstream, page):
+    server = await make_server()
+    script = paced(30, delay=0.08)
+    upstream.default = script
+    await open_page(page, url(server, "/"))
+    await send(page, "a long answer please")
+    await page.wait_for_function(
+        "sel => (document.querySelector(sel)?.textContent || '').length >= 20", arg=ASSISTANT)
+    await page.reload()  # the answer goes on on the server (on_client_disconnect = finish)
+    await page.wait_for_selector('body[data-ready="true"]', state="attached")
+    (text,) = await wait_for_answers(page, 1)
+    assert text == "".join(script.chunks)
+    assert await page.locator('[data-role="user"]').all_text_contents() == ["a long answer please"]
+    messages = await stored_messages(server, await current_session(page))
+    assert [(m["content"], m["status"]) for m in messages] == [
+        ("a long answer please", "complete"), (text, "complete")]
+
+
 async def test_rate_limited_shows_the_code_and_the_wait(make_server, upstream, page):
     server = await make_server(rate_limit__anonymous_limit=1)
     refusals: list[Response] = []
