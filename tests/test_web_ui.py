@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 
 from handlers.web_ui import web_root
 from tests.conftest import http_json, url
+from tests.test_js_client import node  # noqa: F401  (fixture: runs `npm ci` in tests/js when needed)
 
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
@@ -128,6 +129,7 @@ def test_web_root_is_found_beside_the_code_or_in_a_bundle(monkeypatch, tmp_path)
     assert web_root() == tmp_path / "web"
 
 
+@pytest.mark.usefixtures("node")
 def test_vendored_socketio_client_is_the_pinned_one():
     """web/vendor/socket.io.min.js is the socket.io-client of tests/js/package-lock.json, byte
     for byte: bump the pin and the file together (cp tests/js/node_modules/socket.io-client/
