@@ -69,13 +69,19 @@ class ApiHandler(tornado.web.RequestHandler):
         return urlsplit(origin).netloc.lower() == self.request.host.lower()
 
     def set_default_headers(self) -> None:
+        if not self.cors_origins:
+            return  # same origin only: no CORS headers, whatever the Origin
+        if "*" in self.cors_origins:
+            # the same answer for every origin: nothing for caches to tell apart
+            self.set_header("Access-Control-Allow-Origin", "*")
+            self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
+            return
+        # the headers depend on the Origin, so every response says so (a cache must not hand
+        # one origin's response to another), including those without CORS headers
+        self.set_header("Vary", "Origin")
         origin = self.request.headers.get("Origin")
-        if origin and self.cors_origins:
-            if "*" in self.cors_origins:
-                self.set_header("Access-Control-Allow-Origin", "*")
-            elif origin in self.cors_origins:
-                self.set_header("Access-Control-Allow-Origin", origin)
-                self.set_header("Vary", "Origin")
+        if origin and origin in self.cors_origins:
+            self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
 
     def options(self, *args: str) -> None:

@@ -25,6 +25,7 @@ from handlers.chat_stream import ChatStreamHandler, ResumeStreamHandler
 from handlers.health import HealthHandler, ReadyHandler
 from handlers.identity import Identify
 from handlers.sessions import CancelHandler, SessionHandler, SessionListHandler
+from handlers.web_ui import web_ui_routes
 from server.components import build_chat_service, build_provider, build_store
 from server.settings import Settings, load_settings, with_environment
 from server.socketio_server import build_socketio
@@ -79,7 +80,8 @@ class ChatServer:
         return {"chat": self.chat, "cors_origins": self.settings.server.cors_origins, "identify": self.identify}
 
     def routes(self, prefix: str = "") -> list[Route]:
-        """Every chat route and the Socket.IO handler under ``prefix`` ("" or "/chat")."""
+        """Every chat route, the Socket.IO handler and (web_ui) the chat page under ``prefix``
+        ("" or "/chat")."""
         prefix = prefix.rstrip("/")
         if not PREFIX.fullmatch(prefix):
             raise ValueError(f"prefix must be empty or a path like '/chat', not {prefix!r}")
@@ -87,7 +89,7 @@ class ChatServer:
         api = self.handler_args
         server = self.settings.server
         stream = {**api, "heartbeat_seconds": server.heartbeat_seconds, "max_body_bytes": server.max_body_bytes}
-        return [
+        routes: list[Route] = [
             (base + r"/api/v2/ai/chat/stream", ChatStreamHandler, stream),
             (base + r"/api/v2/ai/chat/stream/" + SESSION_ID, ResumeStreamHandler, stream),
             (base + r"/api/v2/ai/chat/sessions", SessionListHandler, api),
@@ -97,6 +99,9 @@ class ChatServer:
             (base + r"/readyz", ReadyHandler, api),
             (base + r"/socket.io/", self._socketio_handler),
         ]
+        if server.web_ui:
+            routes += web_ui_routes(prefix)
+        return routes
 
     async def start(self) -> None:
         """Open the store; call before serving."""

@@ -141,6 +141,8 @@ async def test_host_routes_and_xsrf_keep_working(host_factory):
     try:
         async with alice.get(host.base + "/") as response:
             assert response.status == 200 and "Hello alice" in await response.text()
+        async with alice.get(host.base + "/chat/") as response:  # the chat page, under the prefix
+            assert response.status == 200 and 'id="message"' in await response.text()
         same_origin = await chat_sse(host, alice, {"message": "mine", "sessionId": "mine"},
                                      headers={"Origin": host.base})
         assert same_origin.status == 200
