@@ -120,6 +120,11 @@ async def test_demo_chat_from_an_empty_folder(tmp_path: Path):
         assert "built-in defaults (no settings.ini)" in startup
         database = server.folder / "data" / "chat.sqlite3"  # beside the executable, logged absolute
         assert f"sqlite at {database}" in startup and "event loop uvloop" in startup
+        async with aiohttp.ClientSession() as session:  # the page and its files are bundled
+            for path, kind in (("/", "text/html"), ("/web/app.js", "text/javascript"),
+                               ("/web/vendor/socket.io.min.js", "text/javascript")):
+                async with session.get(server.url + path) as response:
+                    assert response.status == 200 and response.headers["Content-Type"].startswith(kind), path
         events = await sse_chat(server.url, "hello")
         assert events[-1]["done"] is True
         streamed = "".join(e.get("content", "") for e in events)
