@@ -115,18 +115,21 @@ class ChatNamespace(socketio.AsyncNamespace):
         request = environ["tornado.handler"].request
         token = auth.get("token") if isinstance(auth, dict) else None
         self.connections[sid] = Connection(request.remote_ip or "unknown", token)
+        self.chat.metrics.connection_opened("socketio")
 
     async def on_disconnect(self, sid: str, reason: object = None) -> None:
         connection = self.connections.pop(sid, None)
         if connection is None:
             return
+        self.chat.metrics.connection_closed("socketio")
         for generation, stream in list(connection.streams.values()):
             self.chat.detach(generation, stream)
         connection.streams.clear()
 
     def _caller(self, connection: Connection, data: object) -> Caller:
         token = data.get("token", NO_TOKEN) if isinstance(data, dict) else NO_TOKEN
-        return Caller(client_ip=connection.client_ip, token=token, handshake_token=connection.token)
+        return Caller(client_ip=connection.client_ip, token=token, handshake_token=connection.token,
+                      transport="socketio")
 
     async def _error(self, sid: str, error: ChatError, session_id: object = None) -> None:
         payload = error.to_payload()

@@ -10,12 +10,14 @@ import tornado.web
 from handlers.api_base import NotFoundHandler
 from handlers.chat_stream import ChatStreamHandler, ResumeStreamHandler
 from handlers.health import HealthHandler, ReadyHandler
+from handlers.metrics import MetricsHandler
 from handlers.sessions import CancelHandler, SessionHandler, SessionListHandler
-from server.components import build_chat_service, build_provider, build_store
+from server.components import build_chat_service, build_metrics, build_provider, build_store
 from server.settings import Settings
 from server.socketio_server import MAX_FRAME_BYTES, build_socketio
 from services.ai.base import ChatProvider
 from services.chat_service import ChatService
+from services.metrics import ChatMetrics
 from services.store.base import ChatStore
 
 SESSION_ID = r"([^/]+)"
@@ -27,6 +29,7 @@ class Application:
     provider: ChatProvider
     store: ChatStore
     chat: ChatService
+    metrics: ChatMetrics
     sio: socketio.AsyncServer
     web: tornado.web.Application
 
@@ -40,15 +43,18 @@ class Application:
 
 def build_application(settings: Settings, store: ChatStore | None = None) -> Application:
     """Assemble everything from ``settings``; ``store`` replaces the configured one (tests)."""
-    provider = build_provider(settings)
+    metrics = build_metrics(settings)
+    provider = build_provider(settings, metrics)
     store = store if store is not None else build_store(settings)
-    chat = build_chat_service(settings, provider, store)
+    chat = build_chat_service(settings, provider, store, metrics)
     sio, socketio_handler = build_socketio(settings, chat)
     server = settings.server
     api = {"chat": chat, "cors_origins": server.cors_origins}
     stream = {**api, "heartbeat_seconds": server.heartbeat_seconds, "max_body_bytes": server.max_body_bytes}
+    metrics_routes = [(r"/metrics", MetricsHandler, {"registry": metrics.registry})] if metrics.enabled else []
     web = tornado.web.Application(
         [
+            *metrics_routes,
             (r"/api/v2/ai/chat/stream", ChatStreamHandler, stream),
             (r"/api/v2/ai/chat/stream/" + SESSION_ID, ResumeStreamHandler, stream),
             (r"/api/v2/ai/chat/sessions", SessionListHandler, api),
@@ -63,4 +69,4 @@ def build_application(settings: Settings, store: ChatStore | None = None) -> App
         websocket_max_message_size=MAX_FRAME_BYTES,
         compress_response=False,
     )
-    return Application(settings, provider, store, chat, sio, web)
+    return Application(settings, provider, store, chat, metrics, sio, web)
