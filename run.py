@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.lifecycle import serve
+from server.logging_setup import configure_logging
 from server.settings import SettingsError, load_settings
 from services.store.base import StoreError
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.server.log_format)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         try:
             return runner.run(serve(settings))
