@@ -16,7 +16,7 @@ import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SseResponse, http_json, read_sse, sse_post, streamed_text, url
+from tests.conftest import SseResponse, http_json, read_sse, read_then_leave, sse_post, streamed_text, url
 from tests.fake_upstream import Script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,3 +222,15 @@ async def test_json_logs_carry_the_answer_ids(tmp_path, upstream):
     assert failure[0]["logger"] == "aichat.chat"
     # lines outside an answer carry no ids
     assert "messageId" not in next(r for r in records if "listening on" in r["message"])
+
+
+async def test_a_client_that_leaves_mid_stream_is_no_longer_counted(server, upstream, socket_client):
+    upstream.queue(Script(chunks=["a"] * 10, delay=0.05))
+    result = await read_then_leave(server, {"message": "Hi"}, frames=1)
+    assert result.content == "a"
+    await wait_for_value(server, "aichat_connections", 0, transport="sse")
+    # a Socket.IO client that goes away without saying goodbye
+    client = await socket_client(server)
+    await wait_for_value(server, "aichat_connections", 1, transport="socketio")
+    await client.client.eio.disconnect(abort=True)
+    await wait_for_value(server, "aichat_connections", 0, transport="socketio")
