@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.metrics import MetricWrapperBase
 
 from services.errors import HTTP_STATUS
@@ -68,6 +68,10 @@ class ChatMetrics:
                                 registry=r)
         self._store = _children(Histogram("aichat_store_operation_seconds", "Latency of store operations",
                                           ("operation",), buckets=STORE_BUCKETS, registry=r), STORE_OPERATIONS)
+        # the process's CPU, memory and file descriptors, read from /proc only when scraped
+        # (no GC collector: it would hook every garbage collection)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self._connections = _children(Gauge("aichat_connections", "Open SSE streams and Socket.IO connections",
                                             ("transport",), registry=r), TRANSPORTS)
 
