@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.lifecycle import serve
+from server.logging_setup import configure_logging
 from server.settings import SettingsError, load_settings
 from services.store.base import StoreError
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.server.log_format)
     log.info("settings: %s", config.resolve() if config else "built-in defaults (no settings.ini)")
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         try:

@@ -97,7 +97,8 @@ class ApiHandler(tornado.web.RequestHandler):
         # remote_ip honours X-Forwarded-For / X-Real-IP only when the server runs with
         # xheaders (trust_proxy_headers)
         return Caller(client_ip=self.request.remote_ip or "unknown",
-                      authorization=self.request.headers.get("Authorization"), host_user=self.host_user)
+                      authorization=self.request.headers.get("Authorization"), host_user=self.host_user,
+                      transport="sse")
 
     def send_json(self, payload: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -26,6 +26,7 @@ class SseHandler(ApiHandler):
         self.max_body_bytes = max_body_bytes
         self.writer: SseWriter | None = None
         self.generation: Generation | None = None
+        self.stream_counted = False  # in the open-connections gauge
 
     def start_event_stream(self) -> None:
         # An event stream is never compressed, even in an application with
@@ -35,8 +36,20 @@ class SseHandler(ApiHandler):
             self.set_header(name, value)
         # small frames must leave at once, not wait for Nagle's algorithm
         self.request.connection.stream.set_nodelay(True)  # type: ignore[union-attr]
+        self.chat.metrics.connection_opened("sse")
+        self.stream_counted = True
+
+    def _uncount_stream(self) -> None:
+        # on_finish and on_connection_close may both come: count the stream down once
+        if self.stream_counted:
+            self.stream_counted = False
+            self.chat.metrics.connection_closed("sse")
+
+    def on_finish(self) -> None:
+        self._uncount_stream()
 
     def on_connection_close(self) -> None:
+        self._uncount_stream()
         if self.writer is not None:
             self.writer.connection_lost()
         if self.generation is not None and self.writer is not None:
@@ -78,6 +91,7 @@ class ChatStreamHandler(SseHandler):
     def _reject(self, error: ChatError) -> None:
         # Tornado closes the connection after answering, since the rest of the body is unread
         self.rejected = True
+        self.chat.metrics.refused(error.code)
         self.send_chat_error(error)
 
     def send_chat_error(self, error: ChatError) -> None:
@@ -94,6 +108,7 @@ class ChatStreamHandler(SseHandler):
         except (ValueError, UnicodeDecodeError):
             payload = None
         if not isinstance(payload, dict):
+            self.chat.metrics.refused("invalid_json")
             return self.send_chat_error(ChatError("invalid_json", "The body must be a JSON object."))
         self.writer = SseWriter(self, self.heartbeat_seconds)
         try:

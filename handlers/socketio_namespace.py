@@ -137,11 +137,13 @@ class ChatNamespace(socketio.AsyncNamespace):
         except ChatError as error:
             raise socketio.exceptions.ConnectionRefusedError(error.to_payload()) from None
         self.connections[sid] = Connection(request.remote_ip or "unknown", token, user)
+        self.chat.metrics.connection_opened("socketio")
 
     async def on_disconnect(self, sid: str, reason: object = None) -> None:
         connection = self.connections.pop(sid, None)
         if connection is None:
             return
+        self.chat.metrics.connection_closed("socketio")
         for generation, stream in list(connection.streams.values()):
             self.chat.detach(generation, stream)
         connection.streams.clear()
@@ -149,7 +151,7 @@ class ChatNamespace(socketio.AsyncNamespace):
     def _caller(self, connection: Connection, data: object) -> Caller:
         token = data.get("token", NO_TOKEN) if isinstance(data, dict) else NO_TOKEN
         return Caller(client_ip=connection.client_ip, token=token, handshake_token=connection.token,
-                      host_user=connection.host_user)
+                      host_user=connection.host_user, transport="socketio")
 
     async def _error(self, sid: str, error: ChatError, session_id: object = None) -> None:
         payload = error.to_payload()

@@ -10,12 +10,19 @@ from services.ai.demo_provider import DemoProvider
 from services.ai.openai_provider import OpenAIProvider
 from services.auth import TokenVerifier
 from services.chat_service import ChatPolicy, ChatService
+from services.metrics import ChatMetrics
 from services.rate_limiter import RateLimiter
 from services.store.base import ChatStore
+from services.store.instrumented import InstrumentedStore
 from services.store.sqlite_store import SqliteStore
 
 
-def build_provider(settings: Settings) -> ChatProvider:
+def build_metrics(settings: Settings) -> ChatMetrics:
+    """This server's metrics, in a registry of its own (several servers may share a process)."""
+    return ChatMetrics(enabled=settings.server.metrics)
+
+
+def build_provider(settings: Settings, metrics: ChatMetrics | None = None) -> ChatProvider:
     ai = settings.ai
     if ai.resolved_provider == "demo":
         return DemoProvider()
@@ -26,6 +33,7 @@ def build_provider(settings: Settings) -> ChatProvider:
         timeout_seconds=ai.request_timeout_seconds,
         max_retries=ai.max_retries,
         max_tokens=ai.max_tokens,
+        on_retry=metrics.upstream_retry if metrics is not None and metrics.enabled else None,
     )
 
 
@@ -52,10 +60,15 @@ def build_verifier(settings: Settings) -> TokenVerifier:
     )
 
 
-def build_chat_service(settings: Settings, provider: ChatProvider, store: ChatStore) -> ChatService:
+def build_chat_service(
+    settings: Settings, provider: ChatProvider, store: ChatStore, metrics: ChatMetrics | None = None
+) -> ChatService:
+    if metrics is not None and metrics.enabled:
+        store = InstrumentedStore(store, metrics)  # the service's calls are timed; open/close stay direct
     return ChatService(
         provider=provider,
         store=store,
+        metrics=metrics,
         verifier=build_verifier(settings),
         limiter=RateLimiter(settings.rate_limit.window_seconds),
         policy=ChatPolicy(

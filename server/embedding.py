@@ -24,13 +24,15 @@ import socketio
 from handlers.chat_stream import ChatStreamHandler, ResumeStreamHandler
 from handlers.health import HealthHandler, ReadyHandler
 from handlers.identity import Identify
+from handlers.metrics import MetricsHandler
 from handlers.sessions import CancelHandler, SessionHandler, SessionListHandler
 from handlers.web_ui import web_ui_routes
-from server.components import build_chat_service, build_provider, build_store
+from server.components import build_chat_service, build_metrics, build_provider, build_store
 from server.settings import Settings, load_settings, with_environment
 from server.socketio_server import build_socketio
 from services.ai.base import ChatProvider
 from services.chat_service import ChatService
+from services.metrics import ChatMetrics
 from services.store.base import ChatStore
 
 SESSION_ID = r"([^/]+)"
@@ -66,9 +68,11 @@ class ChatServer:
     ) -> None:
         self.settings = resolve_settings(settings, environ)
         self.identify = identify
-        self.provider: ChatProvider = build_provider(self.settings)
+        #: this server's own Prometheus registry (server.metrics), never the process-wide one
+        self.metrics: ChatMetrics = build_metrics(self.settings)
+        self.provider: ChatProvider = build_provider(self.settings, self.metrics)
         self.store: ChatStore = store if store is not None else build_store(self.settings)
-        self.chat: ChatService = build_chat_service(self.settings, self.provider, self.store)
+        self.chat: ChatService = build_chat_service(self.settings, self.provider, self.store, self.metrics)
         self.sio: socketio.AsyncServer
         self.sio, self._socketio_handler = build_socketio(self.settings, self.chat, identify)
         self._started = False
@@ -99,6 +103,8 @@ class ChatServer:
             (base + r"/readyz", ReadyHandler, api),
             (base + r"/socket.io/", self._socketio_handler),
         ]
+        if self.metrics.enabled:
+            routes.append((base + r"/metrics", MetricsHandler, {"registry": self.metrics.registry}))
         if server.web_ui:
             routes += web_ui_routes(prefix)
         return routes

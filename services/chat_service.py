@@ -21,6 +21,8 @@ from services.auth import TokenVerifier
 from services.chat_request import MESSAGE_ID, check_session_id, new_id, parse_chat_message
 from services.errors import ChatError, UpstreamError
 from services.generation import MAX_ANSWER_CHARS, Generation, GenerationListener, Outcome
+from services.log_context import ANSWER_IDS
+from services.metrics import ChatMetrics
 from services.rate_limiter import USER_KEY_PREFIX, RateLimiter, RateStatus, address_key
 from services.store.base import (
     STATUS_COMPLETE,
@@ -78,6 +80,8 @@ class Caller:
     handshake_token: object = None
     #: the user an embedding host's own login named; when set, no token is looked at
     host_user: str | None = None
+    #: which transport asks ("sse" or "socketio"): the label of its answers in the metrics
+    transport: str = "sse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +100,10 @@ class ChatService:
         limiter: RateLimiter,
         policy: ChatPolicy,
         store_health: StoreHealth | None = None,
+        metrics: ChatMetrics | None = None,
     ) -> None:
         self.provider = provider
+        self.metrics = metrics if metrics is not None else ChatMetrics(enabled=False)
         self.store = store
         self.verifier = verifier
         self.limiter = limiter
@@ -140,6 +146,13 @@ class ChatService:
         Raises ChatError (with ``rate`` set when the caller is known) before anything starts.
         """
         try:
+            return await self._start_chat(payload, caller, listener)
+        except ChatError as error:
+            self.metrics.refused(error.code)
+            raise
+
+    async def _start_chat(self, payload: object, caller: Caller, listener: GenerationListener) -> StartedChat:
+        try:
             user = self.identify(caller)
         except ChatError as error:
             error.rate = self.rate_status(caller)
@@ -175,6 +188,7 @@ class ChatService:
         generation = Generation(request.session_id, new_id(), owner, time.monotonic())
         self._by_session[generation.session_id] = generation
         self._by_message[generation.message_id] = generation
+        self.metrics.answer_started()
         generation.attach(listener)
         messages = [{"role": "system", "content": self.policy.system_prompt}] if self.policy.system_prompt else []
         if context is not None:
@@ -189,7 +203,7 @@ class ChatService:
             model=self.provider.model,
             created_at=datetime.now(UTC),
         )
-        generation.task = asyncio.create_task(self._generate(generation, turn, messages))
+        generation.task = asyncio.create_task(self._generate(generation, turn, messages, caller.transport))
         return StartedChat(generation, rate)
 
     def detach(self, generation: Generation, listener: GenerationListener) -> None:
@@ -319,8 +333,11 @@ class ChatService:
             log.error("store failure: %s", exc)
             raise ChatError("internal_error", "The conversation store is unavailable; please try again.") from None
 
-    async def _generate(self, generation: Generation, turn: NewTurn, messages: list[dict[str, str]]) -> None:
+    async def _generate(
+        self, generation: Generation, turn: NewTurn, messages: list[dict[str, str]], transport: str
+    ) -> None:
         generation.started = True
+        ANSWER_IDS.set((generation.session_id, generation.message_id))  # this task's own context
         started = time.monotonic()
         usage = UsageReport()
         # The user message is written while the upstream works on its first token.
@@ -374,7 +391,18 @@ class ChatService:
         except Exception:
             log.exception("answer %s: unexpected failure", generation.message_id)
             error = ChatError("internal_error", "The answer failed unexpectedly.")
-        await self._finish(generation, begun, checkpointing, usage, ttft_ms, error)
+        try:
+            await self._finish(generation, begun, checkpointing, usage, ttft_ms, error)
+        finally:
+            self.metrics.answer_ended(
+                transport,
+                generation.outcome.status if generation.outcome is not None else STATUS_ERROR,
+                duration_seconds=time.monotonic() - generation.created_at,
+                ttft_seconds=None if ttft_ms is None else ttft_ms / 1000,
+                # the deltas relayed, counted once here: nothing is recorded per chunk
+                chunks=len(generation.deltas),
+                tokens=usage.tokens,
+            )
 
     async def _begin_turn(self, generation: Generation, turn: NewTurn) -> None:
         """Store the question; a failure is logged here, once, and marks the store unhealthy."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
@@ -19,6 +19,8 @@ from services.ai.base import UsageReport
 from services.errors import UpstreamError
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# The SDK numbers every attempt of a request in this header: 0 first, then 1, 2, ... per retry.
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
 # A decoded JSON string can hold a lone surrogate ("\ud800"): UTF-8 cannot encode it, so it
 # would break every writer downstream. Paired surrogates decode to one code point, so any
@@ -38,6 +40,7 @@ class OpenAIProvider:
         timeout_seconds: float,
         max_retries: int,
         max_tokens: int | None = None,
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         #: the answer's length limit sent to the model; None: the model's own
@@ -51,8 +54,17 @@ class OpenAIProvider:
             base_url=self.base_url,
             timeout=timeout_seconds,  # connect, and every read: a stalled stream times out
             max_retries=max_retries,
-            http_client=openai.DefaultAioHttpClient(timeout=timeout_seconds),
+            http_client=openai.DefaultAioHttpClient(
+                timeout=timeout_seconds,
+                # once per HTTP attempt (not per chunk): the SDK's retries go through here too
+                event_hooks={"request": [self._count_retry]} if on_retry is not None else None,
+            ),
         )
+        self._on_retry = on_retry
+
+    async def _count_retry(self, request: httpx2.Request) -> None:
+        if request.headers.get(RETRY_COUNT_HEADER, "0") != "0" and self._on_retry is not None:
+            self._on_retry()
 
     async def close(self) -> None:
         await self._client.close()
