@@ -11,11 +11,13 @@ from handlers.api_base import NotFoundHandler
 from handlers.chat_stream import ChatStreamHandler, ResumeStreamHandler
 from handlers.health import HealthHandler, ReadyHandler
 from handlers.sessions import CancelHandler, SessionHandler, SessionListHandler
+from server.access_log import log_request
 from server.components import build_chat_service, build_provider, build_store
 from server.settings import Settings
 from server.socketio_server import MAX_FRAME_BYTES, build_socketio
 from services.ai.base import ChatProvider
 from services.chat_service import ChatService
+from services.host_filter import HostFilter
 from services.store.base import ChatStore
 
 SESSION_ID = r"([^/]+)"
@@ -43,10 +45,12 @@ def build_application(settings: Settings, store: ChatStore | None = None) -> App
     provider = build_provider(settings)
     store = store if store is not None else build_store(settings)
     chat = build_chat_service(settings, provider, store)
-    sio, socketio_handler = build_socketio(settings, chat)
     server = settings.server
-    api = {"chat": chat, "cors_origins": server.cors_origins}
-    stream = {**api, "heartbeat_seconds": server.heartbeat_seconds, "max_body_bytes": server.max_body_bytes}
+    host_filter = HostFilter(server.allowed_hosts, server.host)
+    sio, socketio_handler = build_socketio(settings, chat, host_filter)
+    api = {"chat": chat, "cors_origins": server.cors_origins, "max_body_bytes": server.max_body_bytes,
+           "host_filter": host_filter}
+    stream = {**api, "heartbeat_seconds": server.heartbeat_seconds}
     web = tornado.web.Application(
         [
             (r"/api/v2/ai/chat/stream", ChatStreamHandler, stream),
@@ -62,5 +66,6 @@ def build_application(settings: Settings, store: ChatStore | None = None) -> App
         default_handler_args=api,
         websocket_max_message_size=MAX_FRAME_BYTES,
         compress_response=False,
+        log_function=log_request,  # no query strings in the access log
     )
     return Application(settings, provider, store, chat, sio, web)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import tornado.httpserver
 import tornado.netutil
 
+from server.access_log import quiet_upstream_client_loggers
 from server.app import Application, build_application
 from server.settings import Settings
 from server.socketio_server import MAX_FRAME_BYTES
@@ -56,13 +57,15 @@ class RunningServer:
 
 
 async def start_server(settings: Settings, store: ChatStore | None = None) -> RunningServer:
+    quiet_upstream_client_loggers()
     app = build_application(settings, store)
     await app.open()
     http = tornado.httpserver.HTTPServer(
         app.web,
         xheaders=settings.server.trust_proxy_headers,
-        # the chat endpoint enforces max_body_bytes itself (413); this caps the rest
-        max_body_size=max(settings.server.max_body_bytes, MAX_FRAME_BYTES) + 65536,
+        # sized for /socket.io/ (2 MB frames); every API route lowers it to max_body_bytes
+        # for its own requests (ApiHandler.prepare), and answers 413
+        max_body_size=MAX_FRAME_BYTES + 65536,
         # reap connections that sit idle between requests, or trickle a request body
         idle_connection_timeout=settings.server.idle_connection_timeout_seconds,
         body_timeout=settings.server.body_timeout_seconds,

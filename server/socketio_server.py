@@ -2,22 +2,134 @@
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import json
+import logging
+from typing import Any
+
+import engineio
 import engineio.packet
 import socketio
 import tornado.websocket
 
 from handlers.socketio_namespace import ChatNamespace
 from server.settings import Settings
+from server.throttled_log import LibraryLog, ThrottledLog, describe
 from services.chat_service import ChatService
+from services.host_filter import HostFilter
+
+log = logging.getLogger("aichat.socketio")
 
 # API.md: frames up to 2 MB are read; only beyond that does the transport close.
 MAX_FRAME_BYTES = 2 * 1024 * 1024
-# What may wait in a websocket's write buffer before its client counts as gone.
+# What may wait for a client, in a websocket's write buffer or in a long-polling session's
+# queue, before that client counts as gone and is closed.
 MAX_UNSENT_BYTES = 256 * 1024
+# Engine.IO sessions open at once per client address (per /64 for IPv6). A session costs
+# ~16 KB, and a long-polling handshake nobody follows lives for ping_interval + ping_timeout:
+# this bounds what one address can pin. Generous for a NAT; behind a proxy, set
+# trust_proxy_headers so that the address is the client's, not the proxy's.
+MAX_SESSIONS_PER_ADDRESS = 100
+
+
+def address_key(ip: str) -> str:
+    """The unit the session cap counts by: the address, or its /64 for IPv6."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+def _packet_size(item: object) -> int:
+    data = getattr(item, "data", None)
+    return len(data) if isinstance(data, str | bytes) else 64
+
+
+class PacketQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """An Engine.IO session's outgoing queue that knows how many bytes wait in it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unsent_bytes = 0
+
+    # asyncio.Queue's documented extension points (as PriorityQueue/LifoQueue use them)
+    def _put(self, item: Any) -> None:
+        super()._put(item)  # type: ignore[misc]
+        self.unsent_bytes += _packet_size(item)
+
+    def _get(self) -> Any:
+        item = super()._get()  # type: ignore[misc]
+        self.unsent_bytes -= _packet_size(item)
+        return item
+
+
+class ChatEngineIOServer(engineio.AsyncServer):
+    """Bounds what waits for a long-polling client, as the websocket path is bounded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.overflows = ThrottledLog(log, "Socket.IO clients closed for not reading their packets")
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> PacketQueue:
+        return PacketQueue(*args, **kwargs)
+
+    async def send_packet(self, sid: str, pkt: engineio.packet.Packet) -> None:
+        socket = self.sockets.get(sid)
+        if socket is not None and socket.queue.unsent_bytes > MAX_UNSENT_BYTES:
+            # the client stopped polling: close it rather than queue until its ping timeout
+            self.overflows.note()
+            del self.sockets[sid]
+            await socket.close(wait=False, abort=True, reason=self.reason.TRANSPORT_ERROR)
+            while not socket.queue.empty():
+                socket.queue.get_nowait()
+                socket.queue.task_done()
+            socket.queue.put_nowait(None)  # ends a GET that may still wait
+            return
+        await super().send_packet(sid, pkt)
 
 
 class ChatSocketIOServer(socketio.AsyncServer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: open Engine.IO sessions per address key, and the key of each session
+        self.sessions_per_address: dict[str, int] = {}
+        self._session_address: dict[str, str] = {}
+        self.packet_errors = ThrottledLog(log, "Socket.IO packets refused")
+
+    def _engineio_server_class(self) -> type[engineio.AsyncServer]:
+        return ChatEngineIOServer
+
+    def sessions_from(self, ip: str) -> int:
+        return self.sessions_per_address.get(address_key(ip), 0)
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> Any:
+        key = address_key(environ["tornado.handler"].request.remote_ip or "unknown")
+        self._session_address[eio_sid] = key
+        self.sessions_per_address[key] = self.sessions_per_address.get(key, 0) + 1
+        return await super()._handle_eio_connect(eio_sid, environ)
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        # a packet python-socketio cannot decode or dispatch (`42[123]`, `42[]`, bad JSON,
+        # an unexpected attachment) would otherwise cost a traceback each
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except Exception as exc:
+            self.packet_errors.note(describe(exc))
+
     async def _handle_eio_disconnect(self, eio_sid: str, reason: str) -> None:
+        key = self._session_address.pop(eio_sid, None)
+        if key is not None:
+            left = self.sessions_per_address.get(key, 1) - 1
+            if left > 0:
+                self.sessions_per_address[key] = left
+            else:
+                self.sessions_per_address.pop(key, None)
         await super()._handle_eio_disconnect(eio_sid, reason)
         # A long-polling client that says goodbye still has a GET waiting for packets, and
         # python-engineio leaves it open for ping_interval + ping_timeout (JS engine.io
@@ -27,26 +139,48 @@ class ChatSocketIOServer(socketio.AsyncServer):
             socket.queue.put_nowait(engineio.packet.Packet(engineio.packet.NOOP))
 
 
-def build_socketio(settings: Settings, chat: ChatService) -> tuple[socketio.AsyncServer, type]:
+def build_socketio(settings: Settings, chat: ChatService,
+                   host_filter: HostFilter) -> tuple[socketio.AsyncServer, type]:
     origins = settings.server.cors_origins
+    any_origin = "*" in origins
     sio = ChatSocketIOServer(
         async_mode="tornado",
         # None = same origin only; "*" = any; else the listed origins
-        cors_allowed_origins="*" if "*" in origins else (list(origins) or None),
+        cors_allowed_origins="*" if any_origin else (list(origins) or None),
+        # with any origin allowed, never with credentials (engineio would echo the Origin
+        # with Allow-Credentials: true, letting any site use a visitor's cookies)
+        cors_credentials=not any_origin,
         max_http_buffer_size=MAX_FRAME_BYTES,
         ping_interval=settings.server.socketio_ping_interval_seconds,
         ping_timeout=settings.server.socketio_ping_timeout_seconds,
         # per-token frames are tiny: compression costs more CPU than it saves
         http_compression=False,
-        logger=False,
-        engineio_logger=False,
+        # both log per packet (a traceback for each bad one): quieted, see LibraryLog
+        logger=LibraryLog(logging.getLogger("aichat.socketio.library"), "Socket.IO errors"),
+        engineio_logger=LibraryLog(logging.getLogger("aichat.engineio"), "Engine.IO errors"),
     )
     sio.register_namespace(ChatNamespace(chat))
     base = socketio.get_tornado_handler(sio)
+    websocket_errors = ThrottledLog(log, "Socket.IO websockets closed on a protocol error")
 
     class SocketIOHandler(base):  # type: ignore[misc, valid-type]
+        def prepare(self) -> None:
+            # before the websocket upgrade, and for every long-polling request
+            if not host_filter.allows(self.request.headers.get("Host")):
+                return self._refuse(400, "invalid_host", "This Host is not served.")
+            if "sid" not in self.request.query_arguments:  # a handshake: a new session
+                if sio.sessions_from(self.request.remote_ip or "unknown") >= MAX_SESSIONS_PER_ADDRESS:
+                    self.set_header("Retry-After", str(int(sio.eio.ping_interval + sio.eio.ping_timeout)))
+                    return self._refuse(429, "rate_limited", "Too many Socket.IO sessions from this address.")
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            self.set_status(status)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.set_header("Cache-Control", "no-store")
+            self.finish(json.dumps({"error": message, "code": code}))
+
         def check_origin(self, origin: str) -> bool:
-            if "*" in origins:
+            if any_origin:
                 return True
             if origin in origins:
                 return True
@@ -64,6 +198,15 @@ def build_socketio(settings: Settings, chat: ChatService) -> tuple[socketio.Asyn
             # small frames must leave at once: without this each answer's tail waits ~40 ms
             # for a delayed ACK (Nagle)
             self.set_nodelay(True)
-            await super().open(*args, **kwargs)
+            # what engineio's driver does, plus: a frame engineio cannot decode (`x`, an empty
+            # one) ends its task with an exception that asyncio would log as a traceback
+            self._eio_task = asyncio.ensure_future(self._serve_websocket())
+
+        async def _serve_websocket(self) -> None:
+            try:
+                await sio.eio.handle_request(self)
+            except Exception as exc:
+                websocket_errors.note(describe(exc))
+                self.close()
 
     return sio, SocketIOHandler
