@@ -14,6 +14,7 @@ import tornado.netutil
 
 from server.access_log import quiet_upstream_client_loggers
 from server.app import Application, build_application
+from server.listener import LimitedHTTPServer
 from server.settings import Settings
 from server.socketio_server import MAX_FRAME_BYTES
 from services.store.base import ChatStore
@@ -60,8 +61,9 @@ async def start_server(settings: Settings, store: ChatStore | None = None) -> Ru
     quiet_upstream_client_loggers()
     app = build_application(settings, store)
     await app.open()
-    http = tornado.httpserver.HTTPServer(
+    http = LimitedHTTPServer(
         app.web,
+        max_connections=settings.server.max_connections,
         xheaders=settings.server.trust_proxy_headers,
         # sized for /socket.io/ (2 MB frames); every API route lowers it to max_body_bytes
         # for its own requests (ApiHandler.prepare), and answers 413

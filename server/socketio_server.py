@@ -80,6 +80,7 @@ class ChatEngineIOServer(engineio.AsyncServer):
         return PacketQueue(*args, **kwargs)
 
     async def send_packet(self, sid: str, pkt: engineio.packet.Packet) -> None:
+        await super().send_packet(sid, pkt)
         socket = self.sockets.get(sid)
         if socket is not None and socket.queue.unsent_bytes > MAX_UNSENT_BYTES:
             # the client stopped polling: close it rather than queue until its ping timeout
@@ -90,8 +91,6 @@ class ChatEngineIOServer(engineio.AsyncServer):
                 socket.queue.get_nowait()
                 socket.queue.task_done()
             socket.queue.put_nowait(None)  # ends a GET that may still wait
-            return
-        await super().send_packet(sid, pkt)
 
 
 class ChatSocketIOServer(socketio.AsyncServer):
