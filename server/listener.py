@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import socket
 from collections.abc import Callable, Iterable
@@ -31,16 +32,27 @@ ACCEPTS_PER_EVENT = 128
 # connections wait in the kernel's backlog instead of spinning the loop)
 ACCEPT_PAUSE_SECONDS = 0.1
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Descriptors kept free beyond those open at start-up when max_connections = 0
+RESERVED_DESCRIPTORS = 8
+
+
+def _open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux: count nothing
+        return 0
 
 
 def resolve_max_connections(configured: int) -> int:
-    """``configured``, or 80% of the soft RLIMIT_NOFILE when 0."""
+    """``configured``, or when 0: 80% of the soft RLIMIT_NOFILE, and no more than what the
+    descriptors already open at start-up (store, loop, logs) leave, with a small margin."""
     if configured > 0:
         return configured
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(1, int(soft * DEFAULT_CONNECTION_SHARE))
+    left = soft - _open_descriptors() - RESERVED_DESCRIPTORS
+    return max(1, min(int(soft * DEFAULT_CONNECTION_SHARE), left))
 
 
 class CountedSocket(socket.socket):
@@ -67,8 +79,46 @@ class LimitedHTTPServer(tornado.httpserver.HTTPServer):
         super().initialize(*args, **kwargs)
         self.max_connections = resolve_max_connections(max_connections)
         self.open_connections = 0
-        self._refused = ThrottledLog(log, f"connections refused past max_connections ({self.max_connections})")
+        self._refused = ThrottledLog(log, f"connections closed at once (max_connections {self.max_connections})")
         self._accept_errors = ThrottledLog(log, "accept failed, accepting paused briefly")
+        # freed when accept() fails for want of a descriptor, so that the waiting connection
+        # can be accepted and closed at once instead of hanging in the backlog
+        self._spare_fd: int | None = self._open_spare()
+
+    @staticmethod
+    def _open_spare() -> int | None:
+        try:
+            return os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return None
+
+    def _refuse_one(self, sock: socket.socket) -> bool | None:
+        """Out of descriptors: use the spare one to accept and close a waiting connection.
+
+        True: one was refused; None: none was waiting (Linux reports EMFILE before it looks
+        at the queue); False: accept failed even so.
+        """
+        if self._spare_fd is None:
+            return False
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        refused: bool | None
+        try:
+            connection, _ = sock.accept()
+            connection.close()
+            refused = True
+        except BlockingIOError:
+            refused = None
+        except OSError:
+            refused = False
+        self._spare_fd = self._open_spare()
+        return refused
+
+    def stop(self) -> None:
+        super().stop()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         for sock in sockets:
@@ -96,6 +146,13 @@ class LimitedHTTPServer(tornado.httpserver.HTTPServer):
                 except ConnectionAbortedError:
                     continue
                 except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        refused = self._refuse_one(sock)
+                        if refused is None:
+                            return
+                        if refused:
+                            self._refused.note("out of file descriptors")
+                            continue
                     self._accept_errors.note(f"{errno.errorcode.get(exc.errno or 0, exc.errno)} {exc.strerror}")
                     if exc.errno in _RESOURCE_ERRORS:
                         state["paused"] = True
@@ -104,7 +161,7 @@ class LimitedHTTPServer(tornado.httpserver.HTTPServer):
                     return
                 if self.open_connections >= self.max_connections:
                     connection.close()
-                    self._refused.note()
+                    self._refused.note("max_connections")
                     continue
                 self.open_connections += 1
                 self._handle_connection(CountedSocket(connection, self._connection_closed), address)

@@ -58,11 +58,16 @@ class LibraryLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().__init__(logger, {})
         self.errors = ThrottledLog(logger, what)
 
+    # They call info() per packet sent (twice per streamed chunk): kept to one cheap call
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug(msg, *args)  # type: ignore[arg-type]
+
+    info = warning = debug
+
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level < logging.ERROR:
-            if self.logger.isEnabledFor(logging.DEBUG):
-                self.logger.debug(msg, *args)  # type: ignore[arg-type]
-            return
+            return self.debug(msg, *args)
         try:
             text = str(msg) % args if args else str(msg)
         except (TypeError, ValueError):

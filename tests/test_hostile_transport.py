@@ -170,7 +170,8 @@ def test_running_out_of_file_descriptors_logs_a_few_lines_and_recovers(tmp_path,
         process.terminate()
         _, stderr = process.communicate(timeout=15)
     log = stderr.decode()
-    assert "Traceback" not in log, log[:3000]
+    assert "connections closed at once" in log, log[:3000]  # some were refused...
+    assert "Traceback" not in log, log[:3000]  # ...quietly
     assert len(log.splitlines()) < 15, log[:3000]
 
 
