@@ -26,11 +26,12 @@ MAX_FRAME_BYTES = 2 * 1024 * 1024
 # What may wait for a client, in a websocket's write buffer or in a long-polling session's
 # queue, before that client counts as gone and is closed.
 MAX_UNSENT_BYTES = 256 * 1024
-# Engine.IO sessions open at once per client address (per /64 for IPv6). A session costs
-# ~16 KB, and a long-polling handshake nobody follows lives for ping_interval + ping_timeout:
-# this bounds what one address can pin. Generous for a NAT; behind a proxy, set
-# trust_proxy_headers so that the address is the client's, not the proxy's.
-MAX_SESSIONS_PER_ADDRESS = 100
+# Long-polling Engine.IO sessions open at once per client address (per /64 for IPv6). A
+# session costs ~16 KB and holds no connection: a handshake nobody follows lives for
+# ping_interval + ping_timeout. Websocket sessions are not counted (each holds a connection,
+# which max_connections bounds), nor sessions once upgraded to websocket, so this stays
+# generous for a NAT; behind a proxy, set trust_proxy_headers so that the address is the client's.
+MAX_POLLING_SESSIONS_PER_ADDRESS = 100
 
 
 def address_key(ip: str) -> str:
@@ -96,21 +97,33 @@ class ChatEngineIOServer(engineio.AsyncServer):
 class ChatSocketIOServer(socketio.AsyncServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: open Engine.IO sessions per address key, and the key of each session
-        self.sessions_per_address: dict[str, int] = {}
+        #: sessions that began on long-polling, per address key (upgraded ones pruned lazily),
+        #: and the key of each of them
+        self.polling_sessions: dict[str, set[str]] = {}
         self._session_address: dict[str, str] = {}
         self.packet_errors = ThrottledLog(log, "Socket.IO packets refused")
 
     def _engineio_server_class(self) -> type[engineio.AsyncServer]:
         return ChatEngineIOServer
 
-    def sessions_from(self, ip: str) -> int:
-        return self.sessions_per_address.get(address_key(ip), 0)
+    def polling_sessions_from(self, ip: str) -> int:
+        """Long-polling sessions open from ``ip``'s address key."""
+        sids = self.polling_sessions.get(address_key(ip))
+        if sids is None:
+            return 0
+        if len(sids) >= MAX_POLLING_SESSIONS_PER_ADDRESS:
+            # only now look for upgraded ones (each is dropped once: cheap overall)
+            for sid in [sid for sid in sids if (s := self.eio.sockets.get(sid)) is None or s.upgraded]:
+                sids.discard(sid)
+                self._session_address.pop(sid, None)
+        return len(sids)
 
     async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> Any:
-        key = address_key(environ["tornado.handler"].request.remote_ip or "unknown")
-        self._session_address[eio_sid] = key
-        self.sessions_per_address[key] = self.sessions_per_address.get(key, 0) + 1
+        request = environ["tornado.handler"].request
+        if request.query_arguments.get("transport", [b"polling"]) == [b"polling"]:
+            key = address_key(request.remote_ip or "unknown")
+            self._session_address[eio_sid] = key
+            self.polling_sessions.setdefault(key, set()).add(eio_sid)
         return await super()._handle_eio_connect(eio_sid, environ)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
@@ -123,12 +136,11 @@ class ChatSocketIOServer(socketio.AsyncServer):
 
     async def _handle_eio_disconnect(self, eio_sid: str, reason: str) -> None:
         key = self._session_address.pop(eio_sid, None)
-        if key is not None:
-            left = self.sessions_per_address.get(key, 1) - 1
-            if left > 0:
-                self.sessions_per_address[key] = left
-            else:
-                self.sessions_per_address.pop(key, None)
+        sids = self.polling_sessions.get(key) if key is not None else None
+        if sids is not None:
+            sids.discard(eio_sid)
+            if not sids:
+                del self.polling_sessions[key]  # type: ignore[arg-type]
         await super()._handle_eio_disconnect(eio_sid, reason)
         # A long-polling client that says goodbye still has a GET waiting for packets, and
         # python-engineio leaves it open for ping_interval + ping_timeout (JS engine.io
@@ -167,8 +179,9 @@ def build_socketio(settings: Settings, chat: ChatService,
             # before the websocket upgrade, and for every long-polling request
             if not host_filter.allows(self.request.headers.get("Host")):
                 return self._refuse(400, "invalid_host", "This Host is not served.")
-            if "sid" not in self.request.query_arguments:  # a handshake: a new session
-                if sio.sessions_from(self.request.remote_ip or "unknown") >= MAX_SESSIONS_PER_ADDRESS:
+            if "sid" not in self.request.query_arguments and self.request.query_arguments.get(
+                    "transport", [b"polling"]) == [b"polling"]:  # a long-polling handshake
+                if sio.polling_sessions_from(self.request.remote_ip or "unknown") >= MAX_POLLING_SESSIONS_PER_ADDRESS:
                     self.set_header("Retry-After", str(int(sio.eio.ping_interval + sio.eio.ping_timeout)))
                     return self._refuse(429, "rate_limited", "Too many Socket.IO sessions from this address.")
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import socketio
 
 from server.lifecycle import RunningServer
-from server.socketio_server import MAX_SESSIONS_PER_ADDRESS, MAX_UNSENT_BYTES
+from server.socketio_server import MAX_POLLING_SESSIONS_PER_ADDRESS, MAX_UNSENT_BYTES
 from services.host_filter import HostFilter
 from tests.conftest import http_json, sse_post, url
 from tests.fake_upstream import Script
@@ -265,20 +266,40 @@ async def test_engineio_sessions_per_address_are_capped(server):
     handshake = url(server, "/socket.io/?EIO=4&transport=polling")
     sids = []
     async with aiohttp.ClientSession() as session:
-        for _ in range(MAX_SESSIONS_PER_ADDRESS):
+        for _ in range(MAX_POLLING_SESSIONS_PER_ADDRESS):
             async with session.get(handshake) as response:
                 assert response.status == 200
                 sids.append(json.loads((await response.text())[1:])["sid"])
         async with session.get(handshake) as response:
             assert response.status == 429
             assert (await response.json())["code"] == "rate_limited"
-        assert len(server.app.sio.eio.sockets) == MAX_SESSIONS_PER_ADDRESS
+        assert len(server.app.sio.eio.sockets) == MAX_POLLING_SESSIONS_PER_ADDRESS
         # a session that ends frees its place
         async with session.post(url(server, f"/socket.io/?EIO=4&transport=polling&sid={sids[0]}"),
                                 data="1") as response:
             assert response.status == 200
         async with session.get(handshake) as response:
             assert response.status == 200
+        # websocket sessions hold a connection each (bounded by max_connections): not counted
+        ws = await session.ws_connect(url(server, "/socket.io/?EIO=4&transport=websocket"))
+        assert (await ws.receive_str()).startswith("0{")
+        await ws.close()
+        # nor a session once it has upgraded from polling to websocket
+        async with session.post(url(server, f"/socket.io/?EIO=4&transport=polling&sid={sids[1]}"),
+                                data="1") as response:
+            assert response.status == 200
+        client = socketio.AsyncClient(reconnection=False)
+        await client.connect(url(server, ""), transports=["polling", "websocket"], wait_timeout=5)
+        try:
+            for _ in range(100):
+                if client.transport() == "websocket":
+                    break
+                await asyncio.sleep(0.05)
+            assert client.transport() == "websocket"
+            async with session.get(handshake) as response:
+                assert response.status == 200
+        finally:
+            await client.disconnect()
 
 
 async def test_a_polling_client_that_stops_polling_is_closed_past_the_bound(server, upstream):
