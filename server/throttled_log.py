@@ -12,6 +12,8 @@ from server.access_log import loggable
 
 # At most one line per this many seconds for each kind of client-caused error
 LOG_INTERVAL_SECONDS = 10.0
+# Characters of an error's detail kept (it may quote what the client sent)
+MAX_DETAIL = 100
 
 
 class ThrottledLog:
@@ -34,7 +36,7 @@ class ThrottledLog:
             return
         since = "" if self._last_logged == float("-inf") else f" in the last {now - self._last_logged:.0f}s"
         self._logger.warning("%s: %d%s%s", self._what, self._count, since,
-                             f" (last: {loggable(detail)})" if detail else "")
+                             f" (last: {loggable(detail, MAX_DETAIL)})" if detail else "")
         self._count = 0
         self._last_logged = now
 
@@ -49,25 +51,24 @@ def describe(exc: BaseException | None) -> str:
 class LibraryLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """The logger handed to python-socketio / python-engineio.
 
-    They log per packet: INFO/WARNING lines (packet contents included) and a traceback for
-    each packet they fail to decode or dispatch. Here INFO/WARNING go to DEBUG, and errors
-    become one throttled line with the exception's type and message.
+    They log per packet: INFO/WARNING lines with the packet's contents (tokens included) and
+    a traceback for each packet they fail to decode or dispatch. Here INFO/WARNING are
+    dropped, and errors become one throttled line with the exception's type and message.
     """
 
     def __init__(self, logger: logging.Logger, what: str) -> None:
         super().__init__(logger, {})
         self.errors = ThrottledLog(logger, what)
 
-    # They call info() per packet sent (twice per streamed chunk): kept to one cheap call
+    # called per packet sent (twice per streamed chunk): one call that does nothing
     def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self.logger.debug(msg, *args)  # type: ignore[arg-type]
+        return None
 
     info = warning = debug
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level < logging.ERROR:
-            return self.debug(msg, *args)
+            return None
         try:
             text = str(msg) % args if args else str(msg)
         except (TypeError, ValueError):
