@@ -103,9 +103,15 @@ class ApiHandler(tornado.web.RequestHandler):
         return ChatError("too_large", f"The request body is larger than {self.max_body_bytes} bytes.")
 
     def reject(self, error: ChatError) -> None:
-        """Answers ``error`` before the handler method runs (which then does nothing)."""
+        """Answers ``error`` before the body is read; the handler method is then not run.
+
+        Tornado closes a connection answered before its request was read (it cannot know
+        where the next request starts); saying so spares a keep-alive client from sending
+        its next request into a closing connection.
+        """
         self.rejected = True
         if not self._finished:
+            self.set_header("Connection", "close")
             self.send_chat_error(error)
 
     def set_default_headers(self) -> None:
@@ -161,4 +167,4 @@ class NotFoundHandler(ApiHandler):
     def prepare(self) -> None:
         super().prepare()
         if not self._finished and self.request.method != "OPTIONS":
-            self.send_chat_error(ChatError("not_found", "No such endpoint."))
+            self.reject(ChatError("not_found", "No such endpoint."))

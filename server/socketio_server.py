@@ -11,6 +11,8 @@ from typing import Any
 import engineio
 import engineio.packet
 import socketio
+import tornado.http1connection
+import tornado.web
 import tornado.websocket
 
 from handlers.socketio_namespace import ChatNamespace
@@ -174,8 +176,17 @@ def build_socketio(settings: Settings, chat: ChatService,
     base = socketio.get_tornado_handler(sio)
     websocket_errors = ThrottledLog(log, "Socket.IO websockets closed on a protocol error")
 
+    @tornado.web.stream_request_body
     class SocketIOHandler(base):  # type: ignore[misc, valid-type]
+        """The body streams in so that this route sets its own 2 MB cap (a host application's
+        HTTPServer may allow far more) and nothing is read from a refused request."""
+
         def prepare(self) -> None:
+            self._body = bytearray()
+            connection = self.request.connection
+            if isinstance(connection, tornado.http1connection.HTTP1Connection):
+                # Tornado answers a longer body with 400 and closes, as engineio would
+                connection.set_max_body_size(MAX_FRAME_BYTES + 65536)
             # before the websocket upgrade, and for every long-polling request
             if not host_filter.allows(self.request.headers.get("Host")):
                 return self._refuse(400, "invalid_host", "This Host is not served.")
@@ -185,7 +196,19 @@ def build_socketio(settings: Settings, chat: ChatService,
                     self.set_header("Retry-After", str(int(sio.eio.ping_interval + sio.eio.ping_timeout)))
                     return self._refuse(429, "rate_limited", "Too many Socket.IO sessions from this address.")
 
+        def data_received(self, chunk: bytes) -> None:
+            if not self._finished:
+                self._body += chunk
+
+        async def post(self, *args: Any, **kwargs: Any) -> None:
+            # engineio's driver reads request.body, which a streamed request leaves empty
+            self.request.body = bytes(self._body)
+            self._body = bytearray()
+            await super().post(*args, **kwargs)
+
         def _refuse(self, status: int, code: str, message: str) -> None:
+            # answered before the request is read: Tornado closes the connection (see reject())
+            self.set_header("Connection", "close")
             self.set_status(status)
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.set_header("Cache-Control", "no-store")
