@@ -41,7 +41,9 @@ def declared_length(value: str | None) -> int | None:
     if value is None:
         return None
     value = value.split(",")[0].strip()  # Tornado accepts repeated equal values
-    return int(value) if value.isascii() and value.isdigit() and len(value) < 20 else None
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value) <= 18 else 10**18  # int() refuses over 4,300 digits
 
 
 @tornado.web.stream_request_body
