@@ -41,6 +41,17 @@ def as_chat_error(exc: Exception) -> ChatError:
     return ChatError("internal_error", "Internal server error.")
 
 
+def refuse_foreign_host(handler: tornado.web.RequestHandler, host_filter: HostFilter | None) -> bool:
+    """For the routes that are not API handlers (the page, /metrics): 400 `invalid_host`
+    unless ``host_filter`` serves the request's Host (DNS-rebinding guard)."""
+    if host_filter is None or host_filter.allows(handler.request.headers.get("Host")):
+        return False
+    handler.set_status(400)
+    handler.set_header("Content-Type", "application/json; charset=utf-8")
+    handler.finish(json.dumps({"error": "This Host is not served.", "code": "invalid_host"}))
+    return True
+
+
 def declared_length(value: str | None) -> int | None:
     """A Content-Length header as a number; None when absent or not a plain number."""
     if value is None:

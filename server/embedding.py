@@ -113,9 +113,10 @@ class ChatServer:
             (base + r"/socket.io/", self._socketio_handler),
         ]
         if self.metrics.enabled:
-            routes.append((base + r"/metrics", MetricsHandler, {"registry": self.metrics.registry}))
+            routes.append((base + r"/metrics", MetricsHandler,
+                           {"registry": self.metrics.registry, "host_filter": self.host_filter}))
         if server.web_ui:
-            routes += web_ui_routes(prefix)
+            routes += web_ui_routes(prefix, host_filter=self.host_filter)
         return routes
 
     async def start(self) -> None:

@@ -344,7 +344,7 @@ async def test_any_origin_gets_no_credentials_on_socketio(make_server):
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/no/such/route", "/api/v2/ai/chat/sessions/s1",
-                                  "/socket.io/?EIO=4&transport=polling"])
+                                  "/socket.io/?EIO=4&transport=polling", "/metrics", "/", "/web/app.js"])
 async def test_a_foreign_host_is_refused_by_a_loopback_server(server, path):
     status, body, _ = await http_json(server, "GET", path, headers={"Host": "rebind.evil.example:7000"})
     assert (status, body["code"]) == (400, "invalid_host")
