@@ -35,8 +35,8 @@ from bench.common import hs256_token, pin_to
 
 # Runs the product's run.py with cProfile toggled by signals (main thread only).
 PROFILED_LAUNCHER = """
-import cProfile, runpy, signal, sys
-profile = cProfile.Profile()
+import cProfile, runpy, signal, sys, time
+profile = cProfile.Profile(time.thread_time)  # CPU time of the loop thread, not wall time
 out = sys.argv.pop(1)
 def on(*_):
     profile.enable()
