@@ -96,14 +96,22 @@ def main(argv: list[str] | None = None) -> int:
         command = None
         if args.cprofile:
             command = [bench_run.PYTHON, "-c", PROFILED_LAUNCHER, str(args.cprofile.resolve())]
+        callgrind_out = {name: workdir / f"callgrind-{name}.out" for name in ("product", "relay")}
+
+        def under_callgrind(name: str, *python_args: str) -> list[str]:
+            return ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    f"--callgrind-out-file={callgrind_out[name]}", bench_run.PYTHON, *python_args]
+
         if args.callgrind:
-            callgrind_out = workdir / "callgrind.out"
-            command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={callgrind_out}",
-                       bench_run.PYTHON, "run.py"]
+            command = under_callgrind("product", "run.py")
         product = bench_run.start_product(workdir, upstream_url, command=command,
                                           start_timeout=600 if args.callgrind else 30)
         servers.append(product)
-        relay = None if args.no_relay else bench_run.start_relay(workdir, upstream_url)
+        relay = None
+        if not args.no_relay:
+            relay_command = under_callgrind("relay", "-m", "bench.relay") if args.callgrind else None
+            relay = bench_run.start_relay(workdir, upstream_url, command=relay_command,
+                                          start_timeout=600 if args.callgrind else 30)
         if relay is not None:
             servers.append(relay)
         requests = max(1, args.answers // args.concurrency)
@@ -118,18 +126,18 @@ def main(argv: list[str] | None = None) -> int:
                 for server in servers:
                     if args.cprofile and server is product:
                         os.kill(product.proc.pid, signal.SIGUSR1)
-                    if args.callgrind and server is product:
-                        _callgrind_start(product.proc.pid)
+                    if args.callgrind:
+                        _callgrind_start(server.proc.pid)
                     result = bench_run.measure_streams(server, scenario, workdir,
                                                        token if server is product else None, 600)
                     if args.cprofile and server is product:
                         os.kill(product.proc.pid, signal.SIGUSR2)
-                    if args.callgrind and server is product:
-                        instructions = _callgrind_instructions(product.proc.pid, callgrind_out)
+                    if args.callgrind:
+                        instructions = _callgrind_instructions(server.proc.pid, callgrind_out[server.name])
                         per_answer = instructions / result["completed"]
-                        figures.setdefault(f"instructions {transport}", []).append(per_answer)
-                        print(f"repeat {repeat + 1} {transport:8} product {per_answer / 1e6:.3f} M instructions/answer "
-                              "(callgrind)", flush=True)
+                        figures.setdefault(f"instructions {server.name} {transport}", []).append(per_answer)
+                        print(f"repeat {repeat + 1} {transport:8} {server.name:7} {per_answer / 1e6:.3f} M "
+                              "instructions/answer (callgrind)", flush=True)
                     if result["failures"]:
                         print(f"  {server.name} {transport}: {result['failures']} failures {result['errors'][:2]}")
                     figures.setdefault(f"{server.name} {transport}", []).append(result["cpu_ms_per_request"])
@@ -146,10 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for transport in transports:
         if args.callgrind:
-            print(f"  {transport:8} product {statistics.median(figures[f'instructions {transport}']) / 1e6:.3f} "
-                  "M instructions/answer (callgrind, all threads)")
+            product_i = statistics.median(figures[f"instructions product {transport}"]) / 1e6
+            line = f"  {transport:8} product {product_i:.3f} M instructions/answer (callgrind, all threads)"
+            summary[transport] = {"product_instructions": product_i}
+            if relay is not None:
+                relay_i = statistics.median(figures[f"instructions relay {transport}"]) / 1e6
+                summary[transport]["relay_instructions"] = relay_i
+                line += f"  relay {relay_i:.3f}  ratio {product_i / relay_i:.2f}x"
+            print(line)
         product_ms = statistics.median(figures[f"product {transport}"])
-        summary[transport] = {"product": product_ms}
+        summary.setdefault(transport, {})["product"] = product_ms
         line = f"  {transport:8} product {product_ms:.3f}"
         if relay is not None:
             relay_ms = statistics.median(figures[f"relay {transport}"])

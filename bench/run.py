@@ -184,14 +184,17 @@ def start_product(workdir: Path, upstream_url: str, command: list[str] | None = 
     return server
 
 
-def start_relay(workdir: Path, upstream_url: str) -> Server:
+def start_relay(workdir: Path, upstream_url: str, command: list[str] | None = None,
+                start_timeout: float = 30) -> Server:
+    """The bare relay: `python -m bench.relay`, or ``command`` + its arguments (e.g. under a profiler)."""
     port = free_port()
     log_path = workdir / "relay.log"
-    proc = subprocess.Popen([PYTHON, "-m", "bench.relay", "--port", str(port), "--upstream", upstream_url],
+    proc = subprocess.Popen([*(command or [PYTHON, "-m", "bench.relay"]), "--port", str(port),
+                             "--upstream", upstream_url],
                             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             preexec_fn=_child_setup(SERVER_CORE))
     server = Server("relay", proc, port, log_path)
-    server.wait_healthy("/socket.io/?EIO=4&transport=polling")
+    server.wait_healthy("/socket.io/?EIO=4&transport=polling", start_timeout)
     return server
 
 
