@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx2 (under the openai SDK) logs every upstream request at INFO, full URL included:
+    # a second log line per answer, and the base URL's credentials or query in the log
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         try:
             return runner.run(serve(settings))
