@@ -325,6 +325,14 @@ async def test_closed_store_raises_store_error(backend: Backend) -> None:
         await chat_store.begin_turn(new_turn("s1", 1))
 
 
+async def test_sqlite_closed_store_cannot_be_reopened(tmp_path) -> None:
+    chat_store = SqliteStore(str(tmp_path / "chat.db"))
+    await chat_store.open()
+    await chat_store.close()
+    with pytest.raises(StoreError):  # its thread has ended: an error, not a wait forever
+        await asyncio.wait_for(chat_store.open(), 10)
+
+
 async def test_data_survives_a_restart(backend: Backend) -> None:
     turn = new_turn("s1", 1, content="remember me")
     first = backend.make()

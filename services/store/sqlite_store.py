@@ -219,6 +219,9 @@ class SqliteStore(ChatStore):
         return outcomes
 
     async def open(self) -> None:
+        if self._closed:  # its thread has ended
+            raise StoreError("the store is closed")
+
         def connect(_: sqlite3.Connection | None) -> None:
             try:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
