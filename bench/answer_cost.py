@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         upstream_proc.stdin.close()
         bench_run._finish(upstream_proc)
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nmedian CPU ms per answer over {args.repeats} repeats "
           f"({args.concurrency} client(s) x {requests} answers of {args.chunks} chunk(s)):")
     summary = {}
