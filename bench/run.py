@@ -160,7 +160,9 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("AICHAT_") and k not in names}
 
 
-def start_product(workdir: Path, upstream_url: str) -> Server:
+def start_product(workdir: Path, upstream_url: str, command: list[str] | None = None,
+                  start_timeout: float = 30) -> Server:
+    """The product: `python run.py`, or ``command`` + its arguments (e.g. under a profiler)."""
     port = free_port()
     env = _clean_env()
     env.update({
@@ -173,23 +175,26 @@ def start_product(workdir: Path, upstream_url: str) -> Server:
         "PYTHONUNBUFFERED": "1",
     })
     log_path = workdir / "product.log"
-    proc = subprocess.Popen([PYTHON, "run.py", "--host", "127.0.0.1", "--port", str(port)], cwd=PRODUCT_ROOT[0],
-                            env=env,
+    proc = subprocess.Popen([*(command or [PYTHON, "run.py"]), "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=PRODUCT_ROOT[0], env=env,
                             stdin=subprocess.DEVNULL, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             preexec_fn=_child_setup(SERVER_CORE))
     server = Server("product", proc, port, log_path)
-    server.wait_healthy("/healthz")
+    server.wait_healthy("/healthz", start_timeout)
     return server
 
 
-def start_relay(workdir: Path, upstream_url: str) -> Server:
+def start_relay(workdir: Path, upstream_url: str, command: list[str] | None = None,
+                start_timeout: float = 30) -> Server:
+    """The bare relay: `python -m bench.relay`, or ``command`` + its arguments (e.g. under a profiler)."""
     port = free_port()
     log_path = workdir / "relay.log"
-    proc = subprocess.Popen([PYTHON, "-m", "bench.relay", "--port", str(port), "--upstream", upstream_url],
+    proc = subprocess.Popen([*(command or [PYTHON, "-m", "bench.relay"]), "--port", str(port),
+                             "--upstream", upstream_url],
                             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             preexec_fn=_child_setup(SERVER_CORE))
     server = Server("relay", proc, port, log_path)
-    server.wait_healthy("/socket.io/?EIO=4&transport=polling")
+    server.wait_healthy("/socket.io/?EIO=4&transport=polling", start_timeout)
     return server
 
 
@@ -489,6 +494,13 @@ def check_targets(streams: dict[tuple[str, str], tuple[dict, dict]], idle: list[
                        f"{ratio:.2f}x ({main[0]['cpu_ms_per_1k_chunks']:.1f} vs "
                        f"{main[1]['cpu_ms_per_1k_chunks']:.1f} ms/1k chunks)"))
     for transport in ("sse", "socketio"):
+        pair = get(transport, keys.get("one_chunk", ""))
+        if pair and pair[0]["cpu_ms_per_request"] is not None and pair[1]["cpu_ms_per_request"]:
+            product_ms, relay_ms = pair[0]["cpu_ms_per_request"], pair[1]["cpu_ms_per_request"]
+            checks.append((f"{transport}: server CPU per answer <= 2x bare relay ({keys['one_chunk']})",
+                           product_ms <= 2 * relay_ms,
+                           f"{product_ms / relay_ms:.2f}x ({product_ms:.2f} vs {relay_ms:.2f} ms/answer)"))
+    for transport in ("sse", "socketio"):
         pair = get(transport, keys["bursty_mid"])
         if pair:
             p99 = pair[0]["ttfc_p99_ms"]
@@ -544,7 +556,8 @@ def plan(mode: str, quick: bool) -> dict[str, Any]:
                     ("paced-200", 200, r(3), 100, 20)],
         "idle": [1000, 10000] if not quick else [1000, 4000], "idle_processes": 2,
         "rounds": 20, "round_load": [("round", 50, r(5), 100, 0)],
-        "keys": {"bursty_one": "bursty-1", "bursty_mid": "bursty-50", "paced_high": "paced-200"},
+        "keys": {"bursty_one": "bursty-1", "bursty_mid": "bursty-50", "paced_high": "paced-200",
+                 "one_chunk": "1chunk-50"},
         "deadline": 180,
     }
 
@@ -629,9 +642,11 @@ def main(argv: list[str] | None = None) -> int:
                     stream_rows.append((scenario, product_result, relay_result))
                     streams[(transport, key)] = (product_result, relay_result)
                     print(f"{transport:8} {scenario.label:16} product {product_result['chunks_per_s']:9,.0f} "
-                          f"chunks/s {_num(product_result['cpu_ms_per_1k_chunks'])} ms/1k  | relay "
+                          f"chunks/s {_num(product_result['cpu_ms_per_1k_chunks'])} ms/1k "
+                          f"{_num(product_result['cpu_ms_per_request'], 2)} ms/answer | relay "
                           f"{relay_result['chunks_per_s']:9,.0f} chunks/s "
-                          f"{_num(relay_result['cpu_ms_per_1k_chunks'])} ms/1k | client core "
+                          f"{_num(relay_result['cpu_ms_per_1k_chunks'])} ms/1k "
+                          f"{_num(relay_result['cpu_ms_per_request'], 2)} ms/answer | client core "
                           f"{_num(product_result['client_core_pct'], 0)}%/{_num(relay_result['client_core_pct'], 0)}%"
                           f" | failures {product_result['failures']}/{relay_result['failures']}", flush=True)
                     for result in (product_result, relay_result):

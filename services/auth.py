@@ -7,11 +7,17 @@ the public key, so a token HMAC-signed with the public key as its secret cannot 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import jwt
 
 from services.errors import ChatError
 
 LEEWAY_SECONDS = 10
+
+#: verified tokens remembered (a client sends the same token with every message); ~0.3 KB each
+VERIFIED_CACHE_SIZE = 1024
 
 
 class TokenVerifier:
@@ -25,6 +31,7 @@ class TokenVerifier:
         issuer: str = "",
         user_id_claim: str = "sub",
         require_exp: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.enabled = bool(secret or public_key)
         self._secret = secret
@@ -35,6 +42,11 @@ class TokenVerifier:
         self._claim = user_id_claim
         # a token without `exp` would be valid forever once leaked
         self._required = ["exp"] if require_exp else []
+        self._clock = clock
+        # token -> (user, expires at or None, not valid before or None): a token that verified
+        # once verifies again until it expires (same key, same claims); decoding and checking
+        # its signature again costs ~50 us per message
+        self._verified: dict[str, tuple[str, int | None, int | None]] = {}
 
     def user_id(self, token: object) -> str | None:
         """None for anonymous (no token, or JSON null); the user id for a valid token."""
@@ -46,6 +58,17 @@ class TokenVerifier:
             raise ChatError("invalid_token", "The token is empty.")
         if not self.enabled:
             raise ChatError("invalid_token", "This server does not accept tokens: authentication is not configured.")
+        known = self._verified.get(token)
+        if known is not None:
+            user, expires, not_before = known
+            now = self._clock()
+            # the same checks, with the same leeway, as jwt.decode
+            if expires is not None and expires <= now - LEEWAY_SECONDS:
+                del self._verified[token]
+                raise ChatError("invalid_token", "The token has expired.")
+            if not_before is not None and not_before > now + LEEWAY_SECONDS:
+                raise ChatError("invalid_token", "The token is not valid yet.")
+            return user
         try:
             algorithm = jwt.get_unverified_header(token).get("alg")
             if algorithm not in self._algorithms:
@@ -78,6 +101,9 @@ class TokenVerifier:
             user = str(user)
         if not isinstance(user, str) or not user:
             raise ChatError("invalid_token", f"The token has no usable '{self._claim}' claim.")
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = (user, _instant(claims.get("exp")), _not_before(claims))
         return user
 
     def user_from_authorization(self, header: str | None) -> str | None:
@@ -88,3 +114,14 @@ class TokenVerifier:
         if scheme.lower() != "bearer" or not token.strip():
             raise ChatError("invalid_token", "The Authorization header must be 'Bearer <token>'.")
         return self.user_id(token.strip())
+
+
+def _instant(value: object) -> int | None:
+    """A NumericDate claim as jwt.decode read it (int(); it rejected malformed ones)."""
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _not_before(claims: dict) -> int | None:
+    """The later of `nbf` and `iat`: jwt.decode refuses a token before either."""
+    times = [t for t in (_instant(claims.get("nbf")), _instant(claims.get("iat"))) if t is not None]
+    return max(times) if times else None

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from dataclasses import dataclass
 
 from services.errors import ChatError
@@ -20,6 +20,10 @@ class ChatMessage:
     session_id_given: bool
 
 
+# the RFC 4122 variant bits (10xx) in the first hex digit of the fourth group
+_VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
 def is_valid_text(text: str) -> bool:
     """False for a string holding a lone surrogate (JSON allows "\\ud800"; UTF-8 cannot carry it)."""
     if text.isascii():  # O(1): CPython keeps the flag
@@ -32,7 +36,10 @@ def is_valid_text(text: str) -> bool:
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A random UUID4 in its usual text form (122 random bits from os.urandom, as uuid.uuid4):
+    formatted directly, without building a UUID object (2.5 -> 0.9 us)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 def check_session_id(value: object) -> str:

@@ -148,6 +148,29 @@ def test_leeway_accepts_slightly_expired_and_slightly_early_tokens():
     assert verifier.user_id(almost_valid) == "alice"
 
 
+def test_a_token_verified_before_still_expires_and_waits_for_its_start():
+    # verified tokens are remembered; a remembered one must keep its time limits
+    now = time.time()
+    clock = [now]
+    verifier = TokenVerifier(secret=SECRET, clock=lambda: clock[0])
+    token = hs256({"sub": "alice", "iat": int(now), "exp": int(now) + 60})
+    early = hs256({"sub": "carol", "nbf": int(now) - 1, "exp": int(now) + 3600})
+    assert verifier.user_id(token) == "alice"
+    assert verifier.user_id(early) == "carol"
+    assert verifier.user_id(token) == "alice"
+    clock[0] = now - LEEWAY_SECONDS - 5  # before `nbf`, and before `iat`, leeway included
+    for remembered in (early, token):
+        with pytest.raises(ChatError) as caught:
+            verifier.user_id(remembered)
+        assert (caught.value.code, caught.value.message) == ("invalid_token", "The token is not valid yet.")
+    clock[0] = now
+    assert verifier.user_id(early) == "carol"
+    clock[0] = now + 60 + LEEWAY_SECONDS + 1
+    with pytest.raises(ChatError) as caught:
+        verifier.user_id(token)
+    assert (caught.value.code, caught.value.message) == ("invalid_token", "The token has expired.")
+
+
 def test_custom_user_id_claim():
     verifier = TokenVerifier(secret=SECRET, user_id_claim="uid")
     assert verifier.user_id(hs256(claims(None, uid="u-17"))) == "u-17"

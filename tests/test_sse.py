@@ -16,6 +16,7 @@ import pytest
 from multidict import CIMultiDict
 
 from server.lifecycle import RunningServer
+from services.chat_request import new_id
 from tests.conftest import TEST_SYSTEM_PROMPT, http_json, sse_post, url
 from tests.fake_upstream import Script
 
@@ -172,6 +173,14 @@ async def test_absent_session_id_gets_a_uuid4(server, payload):
     session_ids = {event["sessionId"] for event in result.events}
     assert len(session_ids) == 1
     assert uuid.UUID(session_ids.pop()).version == 4
+
+
+def test_made_up_ids_are_distinct_canonical_uuid4s():
+    ids = [new_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    for made_up in ids:
+        parsed = uuid.UUID(made_up)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, made_up)
 
 
 @pytest.mark.parametrize("session_id", ["my_session-1", "A" * 128, "x"])

@@ -356,6 +356,14 @@ async def test_closed_store_raises_store_error(backend: Backend) -> None:
         await chat_store.begin_turn(new_turn("s1", 1))
 
 
+async def test_sqlite_closed_store_cannot_be_reopened(tmp_path) -> None:
+    chat_store = SqliteStore(str(tmp_path / "chat.db"))
+    await chat_store.open()
+    await chat_store.close()
+    with pytest.raises(StoreError):  # its thread has ended: an error, not a wait forever
+        await asyncio.wait_for(chat_store.open(), 10)
+
+
 async def test_data_survives_a_restart(backend: Backend) -> None:
     turn = new_turn("s1", 1, content="remember me")
     first = backend.make()
@@ -440,6 +448,34 @@ async def test_concurrent_turns_on_one_session_get_distinct_positions(store: Cha
     assert sorted(pairs) == sorted((f"s1-u{n}", f"s1-a{n}") for n in range(11))
     [summary] = await store.list_sessions("alice")
     assert summary.message_count == 22
+
+
+async def test_a_failing_write_among_concurrent_ones_fails_alone(store: ChatStore, backend: Backend) -> None:
+    # calls made together may share one transaction (SQLite's group commit): one that fails
+    # must be rolled back alone, and every other one kept
+    await store.begin_turn(new_turn("s1", 1))
+    await store.begin_turn(new_turn("mine", 1, owner="bob"))
+    results = await asyncio.gather(
+        *(store.begin_turn(new_turn(f"c{n}", 1, when=at(n))) for n in range(5)),
+        store.begin_turn(new_turn("s1", 1, when=at(9))),  # a message id that exists: fails
+        store.begin_turn(new_turn("mine", 2, owner="alice", when=at(9))),  # bob's session: fails
+        *(store.begin_turn(new_turn(f"d{n}", 1, when=at(n))) for n in range(5)),
+        return_exceptions=True,
+    )
+    assert [r is None for r in results] == [True] * 5 + [False] * 2 + [True] * 5
+    assert all(isinstance(r, StoreError) for r in results[5:7])  # the second: an OwnershipConflict
+    for session_id in [f"c{n}" for n in range(5)] + [f"d{n}" for n in range(5)]:
+        session = await store.get_session(session_id)
+        assert session is not None and [m.id for m in session.messages] == [f"{session_id}-u1", f"{session_id}-a1"]
+    for session_id, owner in (("s1", "alice"), ("mine", "bob")):
+        session = await store.get_session(session_id)
+        assert session is not None and session.owner == owner
+        assert [m.id for m in session.messages] == [f"{session_id}-u1", f"{session_id}-a1"]
+    counts = {s.id: s.message_count for s in await store.list_sessions("alice")}
+    assert counts["c0"] == 2 and counts["d4"] == 2
+    if backend.kind == "sqlite":  # a transaction: the failed turns' counter updates are undone too
+        [bobs] = await store.list_sessions("bob")
+        assert counts["s1"] == 2 and bobs.message_count == 2
 
 
 # --- MongoDB only: failing fast when the server is away ---------------------------------

@@ -1,21 +1,24 @@
 """The embedded store: SQLite in WAL mode, so a single host needs no database server.
 
 All SQL runs on one dedicated thread that owns the connection, so the event loop never
-blocks on disk and writes are serialised without locks. Each public method is one hop to
+blocks on disk and writes are serialised without locks. Each public method is one job for
 that thread and runs its whole transaction there (aiosqlite would cost one hop per
-statement).
+statement); the jobs queued while the thread was busy run as one batch, with one commit and
+one wake-up of the event loop for all of them (group commit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from services.store.base import (
     STATUS_COMPLETE,
@@ -64,6 +67,29 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, s
 MESSAGE_COLUMNS = "id, session_id, role, content, status, created_at, model, usage, ttft_ms"
 
 
+def _call(job: _Job, db: sqlite3.Connection) -> tuple[_Job, bool, Any]:
+    """Every failure becomes a StoreError: the chat service handles no other kind."""
+    try:
+        return job, True, job.work(db)
+    except StoreError as exc:  # raised by the work itself (OwnershipConflict, ...)
+        return job, False, exc
+    except sqlite3.Error as exc:
+        return job, False, StoreError(f"sqlite: {exc}")
+    except Exception as exc:  # MemoryError, OSError, a value SQLite cannot bind...
+        return job, False, StoreError(f"sqlite: {type(exc).__name__}: {exc}")
+
+
+def _deliver(outcomes: list[tuple[_Job, bool, Any]]) -> None:
+    """On the event loop: hand each caller its result (unless it stopped waiting)."""
+    for job, ok, value in outcomes:
+        if job.future.done():
+            continue
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
+
+
 def _to_datetime(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, tz=UTC)
 
@@ -83,64 +109,161 @@ def _message(row: sqlite3.Row | tuple) -> MessageRecord:
     )
 
 
+class _Job:
+    """One store call: its work, run on the store thread, and the future the caller awaits."""
+
+    __slots__ = ("work", "future", "loop", "transaction")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any],
+                 loop: asyncio.AbstractEventLoop, transaction: bool) -> None:
+        self.work = work
+        self.future = future
+        self.loop = loop
+        self.transaction = transaction
+
+
 class SqliteStore(ChatStore):
     def __init__(self, path: str) -> None:
         self._path = Path(path)
         self.description = f"sqlite at {self._path.resolve()}"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._connection: sqlite3.Connection | None = None
         self._closed = False
 
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def in_thread() -> T:
-            if self._connection is None:
-                raise StoreError("the store is closed")
-            try:
-                with self._connection:  # one transaction: commit, or roll back on error
-                    return work(self._connection)
-            except StoreError:
-                raise
-            except sqlite3.Error as exc:
-                raise StoreError(f"sqlite: {exc}") from exc
-            except Exception as exc:  # MemoryError, OSError, a value SQLite cannot bind...
-                raise StoreError(f"sqlite: {type(exc).__name__}: {exc}") from exc
+    def _submit(self, work: Callable[[sqlite3.Connection], T], transaction: bool = True) -> asyncio.Future[T]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="sqlite-store", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Job(work, future, loop, transaction))
+        return future
 
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:  # close() stopped the thread: nothing can run any more
             raise StoreError("the store is closed")
+        return await self._submit(work)
+
+    # --- the store thread -------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """Run every job queued meanwhile as one batch: one transaction, one commit, one wake-up
+        of each waiting event loop (group commit). Each job stays atomic on its own (a savepoint),
+        so a failing one is rolled back alone and the others are committed as they would be alone."""
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            batch: list[_Job] = []
+            while job is not None:
+                # a job whose caller gave up before it ran is dropped, as an executor would
+                if not job.future.done():
+                    batch.append(job)
+                try:
+                    job = jobs.get_nowait()
+                except queue.Empty:
+                    break
+            stop = job is None
+            if batch:
+                outcomes = self._run_batch(batch)
+                by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, bool, Any]]] = {}
+                for outcome in outcomes:
+                    by_loop.setdefault(outcome[0].loop, []).append(outcome)
+                for loop, delivered in by_loop.items():
+                    try:
+                        loop.call_soon_threadsafe(_deliver, delivered)
+                    except RuntimeError:  # that loop is closed: nobody waits any more
+                        pass
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Job]) -> list[tuple[_Job, bool, Any]]:
+        """(job, ok, result or exception) for every job, in order; open/close run on their own."""
+        outcomes: list[tuple[_Job, bool, Any]] = []
+        pending: list[_Job] = []
+        for job in batch:
+            if job.transaction:
+                pending.append(job)
+            else:
+                outcomes += self._run_transaction(pending)
+                pending = []
+                outcomes.append(_call(job, self._connection))
+        outcomes += self._run_transaction(pending)
+        return outcomes
+
+    def _run_transaction(self, jobs: list[_Job]) -> list[tuple[_Job, bool, Any]]:
+        if not jobs:
+            return []
+        db = self._connection
+        if db is None:
+            closed = StoreError("the store is closed")
+            return [(job, False, closed) for job in jobs]
+        outcomes: list[tuple[_Job, bool, Any]] = []
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
-        except RuntimeError as exc:  # the executor was shut down meanwhile
-            raise StoreError(f"sqlite: {exc}") from exc
+            db.execute("BEGIN")
+            if len(jobs) == 1:
+                outcome = _call(jobs[0], db)
+                if db.in_transaction:  # SQLite may have rolled it back itself (disk full, I/O error)
+                    db.execute("COMMIT" if outcome[1] else "ROLLBACK")
+                return [outcome]
+            for index, job in enumerate(jobs):
+                db.execute("SAVEPOINT job")
+                outcome = _call(job, db)
+                if not db.in_transaction:
+                    # SQLite ended the whole transaction itself (disk full, I/O error): the jobs
+                    # before this one are lost with it; the rest get a transaction of their own
+                    lost = outcome[2] if not outcome[1] else StoreError("sqlite: the transaction was rolled back")
+                    return [(done, False, lost) for done in jobs[:index + 1]] + self._run_transaction(jobs[index + 1:])
+                if not outcome[1]:
+                    db.execute("ROLLBACK TO job")  # this job only
+                db.execute("RELEASE job")
+                outcomes.append(outcome)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # BEGIN, a savepoint or the commit failed: nothing of the batch is kept
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            error = StoreError(f"sqlite: {exc}")
+            return [(job, False, error) for job in jobs]
+        return outcomes
 
     async def open(self) -> None:
-        def connect() -> None:
+        if self._closed:  # its thread has ended
+            raise StoreError("the store is closed")
+
+        def connect(_: sqlite3.Connection | None) -> None:
             try:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
+                # autocommit mode: the store thread opens and ends each transaction itself
                 connection = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=NORMAL")
                 connection.execute("PRAGMA busy_timeout=5000")
                 connection.executescript(SCHEMA)
-                # `with connection` below needs implicit transactions
-                connection.isolation_level = ""
-            except Exception as exc:
+            except Exception as exc:  # OSError, sqlite3.Error, ...
                 raise StoreError(f"cannot open {self._path}: {exc}") from exc
             self._connection = connection
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        await self._submit(connect, transaction=False)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._thread is None:
+            return
 
-        def disconnect() -> None:
+        def disconnect(_: sqlite3.Connection | None) -> None:
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, disconnect)
-        self._executor.shutdown(wait=True)
+        # runs after every job queued before it; then the thread ends
+        done = self._submit(disconnect, transaction=False)
+        self._jobs.put(None)
+        await done
+        await asyncio.to_thread(self._thread.join)
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
