@@ -41,7 +41,7 @@ lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev,binary]' && .lock-venv/bin/pip uninstall -y -q aichat-stream
 	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^aichat-stream' > constraints.txt
-	rm -rf .lock-venv
+	rm -rf .lock-venv build *.egg-info
 
 clean:
 	rm -rf $(VENV) .mongo-venv $(JS_DIR)/node_modules
