@@ -45,40 +45,41 @@ class SseHandler(ApiHandler):
 class ChatStreamHandler(SseHandler):
     """POST /api/v2/ai/chat/stream"""
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         self.body = bytearray()
         self.rejected = False
         if self.request.method != "POST":
             return
         content_type = self.request.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
-            return self._reject(ChatError("unsupported_media_type", "Content-Type must be application/json."))
+            return await self._reject(ChatError("unsupported_media_type", "Content-Type must be application/json."))
         declared = self.request.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return self._reject(self._too_large())
+            return await self._reject(self._too_large())
         # chunked bodies are counted as they arrive (data_received). Tornado's own limit stays
         # the server-wide one: past it Tornado answers a bare 400, not our 413.
 
-    def data_received(self, chunk: bytes) -> None:
+    async def data_received(self, chunk: bytes) -> None:
         if self.rejected:
             return
         self.body += chunk
         if len(self.body) > self.max_body_bytes:
-            self._reject(self._too_large())
+            await self._reject(self._too_large())
 
     def _too_large(self) -> ChatError:
         return ChatError("too_large", f"The request body is larger than {self.max_body_bytes} bytes.")
 
-    def _reject(self, error: ChatError) -> None:
+    async def _reject(self, error: ChatError) -> None:
         # Tornado closes the connection after answering, since the rest of the body is unread
         self.rejected = True
-        self.send_chat_error(error)
+        await self.refuse(error)
 
-    def send_chat_error(self, error: ChatError) -> None:
+    async def refuse(self, error: ChatError) -> None:
         # every chat response tells the caller's budget, even one refused before the service saw it
         if error.rate is None:
-            error.rate = self.chat.rate_status(self.caller())
-        super().send_chat_error(error)
+            error.rate = await self.chat.rate_status(self.caller())
+        if not self._finished:
+            self.send_chat_error(error)
 
     async def post(self) -> None:
         if self.rejected or self._finished:
@@ -88,14 +89,14 @@ class ChatStreamHandler(SseHandler):
         except (ValueError, UnicodeDecodeError):
             payload = None
         if not isinstance(payload, dict):
-            return self.send_chat_error(ChatError("invalid_json", "The body must be a JSON object."))
+            return await self.refuse(ChatError("invalid_json", "The body must be a JSON object."))
         self.writer = SseWriter(self, self.heartbeat_seconds)
         try:
             started = await self.chat.start_chat(payload, self.caller(), self.writer)
         except Exception as exc:
             self.writer.connection_lost()
             self.writer = None
-            return self.send_chat_error(as_chat_error(exc))
+            return await self.refuse(as_chat_error(exc))
         self.generation = started.generation
         if self.writer.closed.done():  # the client left while the chat was being set up
             self.chat.detach(started.generation, self.writer)

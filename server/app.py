@@ -32,8 +32,12 @@ class Application:
 
     async def open(self) -> None:
         await self.store.open()
+        if self.chat.cluster is not None:
+            await self.chat.cluster.start()
 
     async def close(self) -> None:
+        if self.chat.cluster is not None:
+            await self.chat.cluster.close()
         await self.provider.close()
         await self.store.close()
 

@@ -29,7 +29,10 @@ def describe(app: Application, address: str) -> str:
         ai = "AI provider demo (demo mode: no model configured; set OPENAI_API_KEY or OPENAI_BASE_URL)"
     else:
         ai = f"AI provider openai, model {provider.model} at {getattr(provider, 'endpoint', '')}"
-    return f"listening on http://{address} | {ai} | store {app.store.description}"
+    cluster = app.settings.cluster
+    # never the Redis URL: it may hold a password
+    mode = f" | cluster node {cluster.node_id!r}, keys {cluster.key_prefix}:*" if cluster.enabled else ""
+    return f"listening on http://{address} | {ai} | store {app.store.description}{mode}"
 
 
 @dataclass

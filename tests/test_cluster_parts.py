@@ -47,9 +47,9 @@ async def test_redis_limiter_answers_like_the_in_process_one(client: aioredis.Re
         clock.now += rng.choice((0, 0, 0.25, 0.5, 1, 2.75, 4, 9.75, 10, 12))
         key = rng.choice(list(limits))
         if rng.random() < 0.7:
-            expected, got = local.acquire(key, limits[key]), await shared.acquire(key, limits[key])
+            expected, got = await local.acquire(key, limits[key]), await shared.acquire(key, limits[key])
         else:
-            expected, got = local.peek(key, limits[key]), await shared.peek(key, limits[key])
+            expected, got = await local.peek(key, limits[key]), await shared.peek(key, limits[key])
         assert got == expected, f"step {step}: {key} at {clock.now}"
         refused += not got.allowed
     assert refused > 100  # the sequence really hit the limits
