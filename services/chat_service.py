@@ -290,6 +290,8 @@ class ChatService:
         if running is not None:
             running.cancel("user")
             await asyncio.wait({running.task} if running.task else set())
+        elif self.cluster is not None:  # an answer on another node stops too (not awaited)
+            await self.cluster.stop_remote(str(session_id), self.identify(caller))
         await self._store_call(self.store.delete_session(str(session_id)))
 
     async def ready(self) -> bool:

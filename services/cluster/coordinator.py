@@ -88,7 +88,11 @@ class RelayListener:
                 if self._pending:
                     text = "".join(self._pending)
                     self._pending.clear()
-                    await send(self.node_id, {"t": "d", "r": self.token, "q": self._seq, "d": text})
+                    if not await send(self.node_id, {"t": "d", "r": self.token, "q": self._seq, "d": text}):
+                        # the follower's node is gone: relay no more
+                        self._cluster.drop_relay(self)
+                        self.generation.detach(self)
+                        break
                 elif self._outcome is not None:
                     outcome, self._outcome = self._outcome, None
                     error = None if outcome.error is None else [outcome.error.code, outcome.error.message]
