@@ -25,6 +25,7 @@ run: $(STAMP)
 
 test: $(STAMP) $(JS_STAMP)
 	bash scripts/setup_mongoeco.sh
+	bash scripts/setup_redis.sh
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
