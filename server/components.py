@@ -64,8 +64,9 @@ def build_cluster(settings: Settings, store: ChatStore) -> tuple[ClusterCoordina
     cluster = settings.cluster
     redis = connect(cluster.redis_url)
     keys = Keys(cluster.key_prefix)
-    coordinator = ClusterCoordinator(redis, keys, cluster.node_id, cluster.lock_ttl_seconds, store)
-    return coordinator, RedisRateLimiter(redis, keys, settings.rate_limit.window_seconds)
+    limiter = RedisRateLimiter(redis, keys, settings.rate_limit.window_seconds)
+    coordinator = ClusterCoordinator(redis, keys, cluster.node_id, cluster.lock_ttl_seconds, store, limiter)
+    return coordinator, limiter
 
 
 def build_chat_service(settings: Settings, provider: ChatProvider, store: ChatStore) -> ChatService:

@@ -176,10 +176,14 @@ class ChatService:
                     raise ChatError("unavailable", "The server is shutting down; please retry shortly.")
             owner = context.owner if context is not None else user
             if self.cluster is not None:
-                # busy across nodes: the one lock in Redis decides, whichever node asks
-                held = await self.cluster.claim(request.session_id, message_id, owner, user)
+                # busy across nodes: the one lock in Redis decides, whichever node asks; the
+                # same call uses the budget (rate_limited raised there)
+                held = await self.cluster.claim(request.session_id, message_id, owner, user, rate_key, limit)
                 self._check_not_running(request.session_id, user)
-            rate = await self._acquire(rate_key, limit)
+                assert held.rate is not None
+                rate = held.rate
+            else:
+                rate = await self._acquire(rate_key, limit)
             if not rate.allowed:
                 raise ChatError("rate_limited", "Too many messages; please wait before sending more.",
                                 retry_after=rate.retry_after)

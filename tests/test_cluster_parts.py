@@ -14,7 +14,7 @@ from services.cluster.control import ControlChannel
 from services.cluster.locks import HeldLock, LockHolder, SessionLocks
 from services.cluster.rate_limit import RedisRateLimiter
 from services.cluster.redis_client import ClusterUnavailable, Keys, connect
-from services.rate_limiter import RateLimiter
+from services.rate_limiter import RateLimiter, RateStatus
 from tests.redis_server import RedisProcess, key_prefix, redis_url  # noqa: F401  (fixtures)
 
 
@@ -85,6 +85,23 @@ async def test_session_lock_is_exclusive_fenced_and_released(client: aioredis.Re
     assert isinstance(newer, HeldLock) and newer.fence > held.fence
     assert await node_a.release(held) is False  # a stale release leaves the newer lock alone
     assert (await node_a.holder("s1")) == LockHolder("b", "s1", "m2", None, newer.fence)
+
+
+async def test_taking_a_lock_uses_the_budget_in_the_same_call(client: aioredis.Redis, key_prefix: str) -> None:  # noqa: F811
+    keys = Keys(key_prefix)
+    limiter = RedisRateLimiter(client, keys, 60)
+    node_a, node_b = SessionLocks(client, keys, "a", 5), SessionLocks(client, keys, "b", 5)
+    first = await node_a.acquire("s1", "m1", None, limiter.use("ip:x", 2))
+    assert isinstance(first, HeldLock) and first.rate == RateStatus(True, 2, 1, 60)
+    busy = await node_b.acquire("s1", "m2", None, limiter.use("ip:x", 2))
+    assert isinstance(busy, LockHolder)  # a busy session uses no budget
+    assert (await limiter.peek("ip:x", 2)).remaining == 1
+    second = await node_b.acquire("s2", "m3", None, limiter.use("ip:x", 2))
+    assert isinstance(second, HeldLock) and second.rate is not None and second.rate.remaining == 0
+    refused = await node_b.acquire("s3", "m4", None, limiter.use("ip:x", 2))
+    assert isinstance(refused, RateStatus) and not refused.allowed and refused.retry_after
+    assert await node_a.holder("s3") is None and await node_a.generating("m4") is None  # no lock taken
+    assert set(node_b.held) == {"s2"}
 
 
 async def test_locks_renew_in_one_call_and_expire_when_not_renewed(client: aioredis.Redis, key_prefix: str) -> None:  # noqa: F811

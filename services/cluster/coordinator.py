@@ -1,7 +1,7 @@
 """What one node does for the cluster: its session locks, stop requests, and followers.
 
-The chat service asks it to claim a session before an answer starts and to release it
-before the closing frame, to stop an answer that another node generates, and to follow
+The chat service asks it to claim a session before an answer starts (the lock and the
+caller's rate-limit slot, in one script call) and to release it before the closing frame, to stop an answer that another node generates, and to follow
 (resume) an answer that another node generates.
 
 Following: the follower's node creates a *mirror* Generation, local to it, and asks the
@@ -25,9 +25,11 @@ import redis.asyncio as aioredis
 
 from services.cluster.control import ControlChannel
 from services.cluster.locks import HeldLock, LockHolder, SessionLocks
+from services.cluster.rate_limit import RedisRateLimiter
 from services.cluster.redis_client import REDIS_FAILURES, ClusterUnavailable, Keys
 from services.errors import ChatError
 from services.generation import Generation, Outcome
+from services.rate_limiter import RateStatus
 from services.store.base import ChatStore, StoreError
 
 log = logging.getLogger("aichat.cluster")
@@ -134,11 +136,13 @@ class ClusterCoordinator:
         node_id: str,
         lock_ttl_seconds: float,
         store: ChatStore,
+        limiter: RedisRateLimiter,
     ) -> None:
         self.redis = redis
         self.node_id = node_id
         self.ttl_seconds = lock_ttl_seconds
         self.store = store
+        self.limiter = limiter
         self.locks = SessionLocks(redis, keys, node_id, lock_ttl_seconds)
         self.control = ControlChannel(redis, keys, node_id, self._on_control)
         self._keys = keys
@@ -189,25 +193,36 @@ class ClusterCoordinator:
 
     # --- the chat service's calls -----------------------------------------------------
 
-    async def claim(self, session_id: str, message_id: str, owner: str | None, user: str | None) -> HeldLock:
-        """Take the session's lock for a new answer: ChatError busy / not_found / unavailable."""
+    async def claim(
+        self, session_id: str, message_id: str, owner: str | None, user: str | None, rate_key: str, limit: int
+    ) -> HeldLock:
+        """Take the session's lock for a new answer and use a slot of the caller's budget, in one call.
+
+        ChatError busy / not_found (no budget used), rate_limited (no lock taken), unavailable.
+        """
         if not self.control.subscribed.is_set():
             # Redis went away (or never came): stop and resume of this answer could not work
             raise ChatError("unavailable", UNAVAILABLE)
         try:
-            result = await self.locks.acquire(session_id, message_id, owner)
+            result = await self.locks.acquire(session_id, message_id, owner, self.limiter.use(rate_key, limit))
         except ClusterUnavailable as exc:
             raise unavailable(exc) from None
         if isinstance(result, LockHolder):
             if result.owner is not None and result.owner != user:
                 raise ChatError("not_found", NOT_FOUND)
             raise ChatError("busy", BUSY)
+        if isinstance(result, RateStatus):
+            error = ChatError("rate_limited", "Too many messages; please wait before sending more.",
+                              retry_after=result.retry_after)
+            error.rate = result
+            raise error
         return result
 
     async def release(self, held: HeldLock) -> None:
         """Free the session (before the answer's closing frame)."""
         try:
-            await asyncio.wait_for(self.locks.release(held), timeout=RELEASE_SECONDS)
+            async with asyncio.timeout(RELEASE_SECONDS):
+                await self.locks.release(held)
         except TimeoutError:
             log.warning("releasing the lock of session %s timed out; it expires by itself", held.session_id)
 

@@ -10,6 +10,9 @@ the answer of the node that took the session next.
 The node renews all its locks in one script call every TTL/3 and releases each one
 (compare-and-delete) before the answer's closing frame. A dead node's locks expire after
 the TTL, which frees its sessions.
+
+Taking a lock can use a slot of the caller's rate limit in the same script call: a busy
+session uses no budget, and a refused message takes no lock.
 """
 
 from __future__ import annotations
@@ -21,21 +24,34 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from services.cluster.rate_limit import RATE_FUNCTION, RateUse, rate_status
 from services.cluster.redis_client import REDIS_FAILURES, ClusterUnavailable, Keys
+from services.rate_limiter import RateStatus
 
 log = logging.getLogger("aichat.cluster")
 
-# KEYS: lock, fence counter, message pointer. ARGV: TTL (ms), the value without its fence
-# (a JSON object missing its last member's value and closing brace).
-_ACQUIRE = """
-if not redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[1]) then
-  return {0, redis.call('GET', KEYS[1])}
+# KEYS: lock, fence counter, message pointer, and the rate-limit key or the lock again.
+# ARGV: TTL (ms), the value without its fence (a JSON object missing its last member's
+# value and closing brace), '1' to use a rate-limit slot, then rate()'s arguments.
+# Returns {fence, value, count, reset}; fence 0: busy (value: the holder's), -1: rate limited.
+_ACQUIRE = RATE_FUNCTION + """
+local current = redis.call('GET', KEYS[1])
+if current then
+  return {0, current, 0, 0}
+end
+local count, reset = 0, 0
+if ARGV[3] == '1' then
+  local allowed
+  allowed, count, reset = rate(KEYS[4], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+  if allowed == 0 then
+    return {-1, '', count, reset}
+  end
 end
 local fence = redis.call('INCR', KEYS[2])
 local value = ARGV[2] .. string.format('%d', fence) .. '}'
-redis.call('SET', KEYS[1], value, 'PX', ARGV[1])
+redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[1])
 redis.call('SET', KEYS[3], value, 'PX', ARGV[1])
-return {fence, value}
+return {fence, value, count, reset}
 """
 
 # KEYS: lock, message pointer. ARGV: the value the caller holds.
@@ -90,6 +106,8 @@ class HeldLock:
     message_id: str
     fence: int
     value: bytes
+    #: the caller's budget once the slot was used, when acquire() was given one to use
+    rate: RateStatus | None = None
 
 
 class SessionLocks:
@@ -106,19 +124,31 @@ class SessionLocks:
         self.held: dict[str, HeldLock] = {}
         self._renewal_failing = False
 
-    async def acquire(self, session_id: str, message_id: str, owner: str | None) -> HeldLock | LockHolder:
-        """Take the session's lock: a HeldLock, or the LockHolder of whoever has it."""
+    async def acquire(
+        self, session_id: str, message_id: str, owner: str | None, rate: RateUse | None = None
+    ) -> HeldLock | LockHolder | RateStatus:
+        """Take the session's lock, using a slot of ``rate`` too when given, in one call.
+
+        A HeldLock; the LockHolder of whoever has the lock (no slot used); or the refused
+        RateStatus (no lock taken).
+        """
         partial = json.dumps({"n": self.node_id, "s": session_id, "m": message_id, "o": owner})[:-1] + ',"f":'
+        lock = self._keys.lock(session_id)
+        keys = [lock, self._keys.fence, self._keys.message(message_id), rate.key if rate is not None else lock]
+        args: list[object] = [self._ttl_ms, partial, "1" if rate is not None else "0"]
+        if rate is not None:
+            args += rate.args
         try:
-            fence, value = await self._acquire(
-                keys=[self._keys.lock(session_id), self._keys.fence, self._keys.message(message_id)],
-                args=[self._ttl_ms, partial],
-            )
+            fence, value, count, reset_us = await self._acquire(keys=keys, args=args)
         except REDIS_FAILURES as exc:
             raise ClusterUnavailable(f"lock: {exc}") from exc
         if fence == 0:
             return LockHolder.parse(value)
-        held = HeldLock(session_id, message_id, int(fence), value)
+        status = None if rate is None else rate_status(rate.limit, fence > 0, count, reset_us)
+        if fence < 0:
+            assert status is not None
+            return status
+        held = HeldLock(session_id, message_id, int(fence), value, status)
         self.held[session_id] = held
         return held
 
