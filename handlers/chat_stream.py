@@ -7,6 +7,7 @@ import json
 import tornado.web
 
 from handlers.api_base import ApiHandler, as_chat_error
+from handlers.identity import Identify
 from handlers.sse import SSE_HEADERS, SseWriter
 from services.chat_service import ChatService
 from services.errors import ChatError
@@ -17,13 +18,15 @@ class SseHandler(ApiHandler):
     """Shared by the chat and the resume endpoints: SSE response set-up and teardown."""
 
     def initialize(  # type: ignore[override]
-        self, chat: ChatService, cors_origins: tuple[str, ...], heartbeat_seconds: float, max_body_bytes: int
+        self, chat: ChatService, cors_origins: tuple[str, ...], heartbeat_seconds: float, max_body_bytes: int,
+        identify: Identify | None = None,
     ) -> None:
-        super().initialize(chat, cors_origins)
+        super().initialize(chat, cors_origins, identify)
         self.heartbeat_seconds = heartbeat_seconds
         self.max_body_bytes = max_body_bytes
         self.writer: SseWriter | None = None
         self.generation: Generation | None = None
+        self.stream_counted = False  # in the open-connections gauge
 
     def start_event_stream(self) -> None:
         # An event stream is never compressed, even in an application with
@@ -33,8 +36,20 @@ class SseHandler(ApiHandler):
             self.set_header(name, value)
         # small frames must leave at once, not wait for Nagle's algorithm
         self.request.connection.stream.set_nodelay(True)  # type: ignore[union-attr]
+        self.chat.metrics.connection_opened("sse")
+        self.stream_counted = True
+
+    def _uncount_stream(self) -> None:
+        # on_finish and on_connection_close may both come: count the stream down once
+        if self.stream_counted:
+            self.stream_counted = False
+            self.chat.metrics.connection_closed("sse")
+
+    def on_finish(self) -> None:
+        self._uncount_stream()
 
     def on_connection_close(self) -> None:
+        self._uncount_stream()
         if self.writer is not None:
             self.writer.connection_lost()
         if self.generation is not None and self.writer is not None:
@@ -48,6 +63,10 @@ class ChatStreamHandler(SseHandler):
     async def prepare(self) -> None:
         self.body = bytearray()
         self.rejected = False
+        await super().prepare()
+        if self._finished:
+            self.rejected = True
+            return
         if self.request.method != "POST":
             return
         content_type = self.request.headers.get("Content-Type", "")
@@ -72,6 +91,7 @@ class ChatStreamHandler(SseHandler):
     async def _reject(self, error: ChatError) -> None:
         # Tornado closes the connection after answering, since the rest of the body is unread
         self.rejected = True
+        self.chat.metrics.refused(error.code)
         await self.refuse(error)
 
     async def refuse(self, error: ChatError) -> None:
@@ -89,6 +109,7 @@ class ChatStreamHandler(SseHandler):
         except (ValueError, UnicodeDecodeError):
             payload = None
         if not isinstance(payload, dict):
+            self.chat.metrics.refused("invalid_json")
             return await self.refuse(ChatError("invalid_json", "The body must be a JSON object."))
         self.writer = SseWriter(self, self.heartbeat_seconds)
         try:

@@ -15,4 +15,5 @@ class ReadyHandler(ApiHandler):
         if await self.chat.ready():
             self.send_json({"status": "ready"})
         else:
-            self.send_json({"status": "unavailable", "error": "The store does not answer."}, 503)
+            error = "The store does not answer, or failed to write lately."
+            self.send_json({"status": "unavailable", "error": error}, 503)

@@ -9,9 +9,11 @@ from typing import Any
 import socketio
 
 from handlers.api_base import as_chat_error
+from handlers.identity import Identify, host_user
 from services.chat_service import NO_TOKEN, Caller, ChatService
 from services.errors import ChatError
 from services.generation import Generation, Outcome
+from services.store.base import STATUS_ERROR
 
 log = logging.getLogger("aichat.socketio")
 
@@ -44,9 +46,21 @@ class SocketStream:
 
     def on_end(self, generation: Generation, outcome: Outcome) -> None:
         self._outcome = outcome
-        self._connection.streams.pop(generation.message_id, None)
+        if self._connection.streams.get(generation.message_id, (None, None))[1] is self:
+            del self._connection.streams[generation.message_id]
         if self._sender is None:
             self._sender = asyncio.create_task(self._send(generation))
+
+    def abort(self, generation: Generation) -> None:
+        # dropped after a failure: whatever is queued is suspect; end with an error instead
+        self._pending.clear()
+        self.on_end(generation, Outcome(status=STATUS_ERROR, text="",
+                                        error=ChatError("internal_error", "The answer could not be delivered.")))
+
+    def replaced(self) -> None:
+        """A newer `ai:resume` of this answer on this connection took over: send nothing more."""
+        self._pending.clear()
+        self._ended = True
 
     async def _send(self, generation: Generation) -> None:
         emit = self._namespace.emit
@@ -81,19 +95,22 @@ def end_event(session_id: str, message_id: str, outcome: Outcome) -> tuple[str, 
 class Connection:
     """What the namespace remembers per client: kept small, there may be many."""
 
-    __slots__ = ("client_ip", "token", "streams")
+    __slots__ = ("client_ip", "token", "host_user", "streams")
 
-    def __init__(self, client_ip: str, token: object) -> None:
+    def __init__(self, client_ip: str, token: object, host_user: str | None = None) -> None:
         self.client_ip = client_ip
         self.token = token
+        #: who the embedding host's login says this is, decided once on the handshake request
+        self.host_user = host_user
         #: answers this client is watching, by message id
         self.streams: dict[str, tuple[Generation, SocketStream]] = {}
 
 
 class ChatNamespace(socketio.AsyncNamespace):
-    def __init__(self, chat: ChatService, namespace: str = "/") -> None:
+    def __init__(self, chat: ChatService, identify: Identify | None = None, namespace: str = "/") -> None:
         super().__init__(namespace)
         self.chat = chat
+        self.identify = identify
         self.connections: dict[str, Connection] = {}
 
     async def trigger_event(self, event: str, *args: Any) -> Any:
@@ -114,19 +131,27 @@ class ChatNamespace(socketio.AsyncNamespace):
         # has the real one (and honours X-Forwarded-For when the server trusts proxies)
         request = environ["tornado.handler"].request
         token = auth.get("token") if isinstance(auth, dict) else None
-        self.connections[sid] = Connection(request.remote_ip or "unknown", token)
+        try:
+            # the handshake request carries the host's cookies, for polling and websocket alike
+            user = await host_user(self.identify, request)
+        except ChatError as error:
+            raise socketio.exceptions.ConnectionRefusedError(error.to_payload()) from None
+        self.connections[sid] = Connection(request.remote_ip or "unknown", token, user)
+        self.chat.metrics.connection_opened("socketio")
 
     async def on_disconnect(self, sid: str, reason: object = None) -> None:
         connection = self.connections.pop(sid, None)
         if connection is None:
             return
+        self.chat.metrics.connection_closed("socketio")
         for generation, stream in list(connection.streams.values()):
             self.chat.detach(generation, stream)
         connection.streams.clear()
 
     def _caller(self, connection: Connection, data: object) -> Caller:
         token = data.get("token", NO_TOKEN) if isinstance(data, dict) else NO_TOKEN
-        return Caller(client_ip=connection.client_ip, token=token, handshake_token=connection.token)
+        return Caller(client_ip=connection.client_ip, token=token, handshake_token=connection.token,
+                      host_user=connection.host_user, transport="socketio")
 
     async def _error(self, sid: str, error: ChatError, session_id: object = None) -> None:
         payload = error.to_payload()
@@ -171,4 +196,10 @@ class ChatNamespace(socketio.AsyncNamespace):
         except Exception as exc:
             return await self._error(sid, as_chat_error(exc))
         if resumed.outcome is None:
+            # one stream per answer per connection: a repeated resume (or a resume of the chat
+            # this connection started) replaces the earlier one rather than adding a copy
+            earlier = connection.streams.get(resumed.message_id)
             connection.streams[resumed.message_id] = (resumed, stream)
+            if earlier is not None:
+                earlier[1].replaced()
+                resumed.detach(earlier[1])

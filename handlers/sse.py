@@ -13,7 +13,13 @@ from typing import Any
 
 import tornado.web
 
+from services.errors import ChatError
 from services.generation import Generation, Outcome
+from services.store.base import STATUS_ERROR
+
+# How a response ends when its listener failed (say, a frame could not be encoded).
+ABORTED = Outcome(status=STATUS_ERROR, text="",
+                  error=ChatError("internal_error", "The answer could not be delivered."))
 
 # A client that reads slower than the answer is produced is dropped past this much
 # unsent data (the `on_client_disconnect` policy then applies).
@@ -69,6 +75,13 @@ class SseWriter:
 
     def on_end(self, generation: Generation, outcome: Outcome) -> None:
         self.finish(end_frame(generation.session_id, generation.message_id, generation.length, outcome))
+
+    def abort(self, generation: Generation) -> None:
+        try:
+            self.finish(end_frame(generation.session_id, generation.message_id, generation.length, ABORTED))
+        except Exception:  # the response cannot even take the error frame: cut the connection
+            self.connection_lost()
+            self._handler.request.connection.close()  # type: ignore[union-attr]
 
     # --- transport
 

@@ -11,15 +11,22 @@ from services.ai.demo_provider import DemoProvider
 from services.ai.openai_provider import OpenAIProvider
 from services.auth import TokenVerifier
 from services.chat_service import ChatPolicy, ChatService
+from services.metrics import ChatMetrics
 from services.rate_limiter import Limiter, RateLimiter
 from services.store.base import ChatStore
+from services.store.instrumented import InstrumentedStore
 from services.store.sqlite_store import SqliteStore
 
 if TYPE_CHECKING:
     from services.cluster.coordinator import ClusterCoordinator
 
 
-def build_provider(settings: Settings) -> ChatProvider:
+def build_metrics(settings: Settings) -> ChatMetrics:
+    """This server's metrics, in a registry of its own (several servers may share a process)."""
+    return ChatMetrics(enabled=settings.server.metrics)
+
+
+def build_provider(settings: Settings, metrics: ChatMetrics | None = None) -> ChatProvider:
     ai = settings.ai
     if ai.resolved_provider == "demo":
         return DemoProvider()
@@ -29,6 +36,8 @@ def build_provider(settings: Settings) -> ChatProvider:
         model=ai.model,
         timeout_seconds=ai.request_timeout_seconds,
         max_retries=ai.max_retries,
+        max_tokens=ai.max_tokens,
+        on_retry=metrics.upstream_retry if metrics is not None and metrics.enabled else None,
     )
 
 
@@ -38,7 +47,7 @@ def build_store(settings: Settings) -> ChatStore:
         from services.store.mongo_store import MongoStore  # motor/pymongo only when used
 
         return MongoStore(storage.mongodb_uri, storage.mongodb_database, storage.mongodb_driver)
-    return SqliteStore(storage.sqlite_path)
+    return SqliteStore(str(settings.sqlite_file))
 
 
 def build_verifier(settings: Settings) -> TokenVerifier:
@@ -51,6 +60,7 @@ def build_verifier(settings: Settings) -> TokenVerifier:
         audience=auth.jwt_audience,
         issuer=auth.jwt_issuer,
         user_id_claim=auth.user_id_claim,
+        require_exp=auth.jwt_require_exp,
     )
 
 
@@ -69,7 +79,11 @@ def build_cluster(settings: Settings, store: ChatStore) -> tuple[ClusterCoordina
     return coordinator, limiter
 
 
-def build_chat_service(settings: Settings, provider: ChatProvider, store: ChatStore) -> ChatService:
+def build_chat_service(
+    settings: Settings, provider: ChatProvider, store: ChatStore, metrics: ChatMetrics | None = None
+) -> ChatService:
+    if metrics is not None and metrics.enabled:
+        store = InstrumentedStore(store, metrics)  # the service's calls are timed; open/close stay direct
     cluster: ClusterCoordinator | None = None
     limiter: Limiter
     if settings.cluster.enabled:
@@ -79,6 +93,7 @@ def build_chat_service(settings: Settings, provider: ChatProvider, store: ChatSt
     return ChatService(
         provider=provider,
         store=store,
+        metrics=metrics,
         verifier=build_verifier(settings),
         limiter=limiter,
         cluster=cluster,

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import tornado.httpserver
 import tornado.netutil
 
-from server.app import Application, build_application
+from server.app import build_web_application
+from server.embedding import ChatServer
 from server.settings import Settings
 from server.socketio_server import MAX_FRAME_BYTES
 from services.store.base import ChatStore
@@ -22,22 +23,15 @@ log = logging.getLogger("aichat")
 # Room for a burst of new connections (Tornado's default is 128).
 LISTEN_BACKLOG = 1024
 
-
-def describe(app: Application, address: str) -> str:
-    provider = app.provider
-    if provider.name == "demo":
-        ai = "AI provider demo (demo mode: no model configured; set OPENAI_API_KEY or OPENAI_BASE_URL)"
-    else:
-        ai = f"AI provider openai, model {provider.model} at {getattr(provider, 'endpoint', '')}"
-    cluster = app.settings.cluster
-    # never the Redis URL: it may hold a password
-    mode = f" | cluster node {cluster.node_id!r}, keys {cluster.key_prefix}:*" if cluster.enabled else ""
-    return f"listening on http://{address} | {ai} | store {app.store.description}{mode}"
+# One SIGTERM to a process group can arrive twice: the one-file executable's launcher
+# forwards its own copy to the server. Only a signal this long after the first counts as
+# "signal again" (cut the grace short).
+REPEAT_SIGNAL_SECONDS = 1.0
 
 
 @dataclass
 class RunningServer:
-    app: Application
+    app: ChatServer
     http: tornado.httpserver.HTTPServer
     port: int
     stopped: bool = False
@@ -48,9 +42,8 @@ class RunningServer:
             return
         self.stopped = True
         try:
-            await self.app.chat.shutdown(grace_seconds)
+            await self.app.drain(grace_seconds)
             self.http.stop()
-            await self.app.sio.shutdown()
             await asyncio.wait_for(self.http.close_all_connections(), timeout=5)
         except TimeoutError:
             log.warning("some connections did not close in time")
@@ -59,10 +52,11 @@ class RunningServer:
 
 
 async def start_server(settings: Settings, store: ChatStore | None = None) -> RunningServer:
-    app = build_application(settings, store)
-    await app.open()
+    """``settings`` are final (the environment already merged): the ChatServer adds nothing."""
+    app = ChatServer(settings, store=store, environ={})
+    await app.start()
     http = tornado.httpserver.HTTPServer(
-        app.web,
+        build_web_application(app),
         xheaders=settings.server.trust_proxy_headers,
         # the chat endpoint enforces max_body_bytes itself (413); this caps the rest
         max_body_size=max(settings.server.max_body_bytes, MAX_FRAME_BYTES) + 65536,
@@ -77,7 +71,8 @@ async def start_server(settings: Settings, store: ChatStore | None = None) -> Ru
     )
     http.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
-    log.info(describe(app, f"{host}:{port}"))
+    loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    log.info("listening on http://%s:%d | %s | event loop %s", host, port, app.describe(), loop)
     return RunningServer(app, http, port)
 
 
@@ -103,10 +98,17 @@ async def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    first_signal = loop.time()
     log.info("shutting down: no new chats; up to %gs for answers in flight (signal again to stop them now)",
              settings.server.shutdown_grace_seconds)
+
+    def signal_again() -> None:
+        if loop.time() - first_signal >= REPEAT_SIGNAL_SECONDS:
+            log.info("signalled again: stopping the answers in flight now")
+            running.app.cut_grace()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, running.app.chat.cut_grace)
+        loop.add_signal_handler(signum, signal_again)
     await running.shutdown(settings.server.shutdown_grace_seconds)
     log.info("stopped")
     return 0

@@ -304,6 +304,14 @@ class Settings:
     auth: AuthSettings
     rate_limit: RateLimitSettings
     cluster: ClusterSettings
+    #: what a relative sqlite_path is relative to: the settings file's folder, else the
+    #: application's (run.py's, or the executable's) folder
+    base_dir: Path = dataclasses.field(default=Path("."), compare=False)
+
+    @property
+    def sqlite_file(self) -> Path:
+        path = Path(self.storage.sqlite_path).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
 
 
 _SECTION_TYPES = {
@@ -362,8 +370,12 @@ def load_settings(
     config_path: Path | None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[tuple[str, str], str] | None = None,
+    base_dir: Path | None = None,
 ) -> Settings:
-    """Merge defaults, the file, the environment and flag overrides, then parse and check."""
+    """Merge defaults, the file, the environment and flag overrides, then parse and check.
+
+    A relative sqlite_path is taken relative to the settings file, else to ``base_dir``
+    (default: the working directory)."""
     raw: dict[tuple[str, str], str] = {
         (section, key): default for section, keys in SCHEMA.items() for key, (default, _) in keys.items()
     }
@@ -373,18 +385,37 @@ def load_settings(
 
     sections: dict[str, Any] = {}
     for section, keys in SCHEMA.items():
-        parsed = {}
-        for key, (_, parse) in keys.items():
-            try:
-                parsed[key] = parse(raw[(section, key)])
-            except ValueError as exc:
-                raise SettingsError(f"{section}.{key}", str(exc)) from None
+        parsed = {key: _parse(section, key, raw[(section, key)]) for key in keys}
         if section == "cluster" and not parsed["node_id"]:
             parsed["node_id"] = f"{socket.gethostname()}:{os.getpid()}"
         sections[section] = _SECTION_TYPES[section](**parsed)
-    settings = Settings(**sections)
+    if config_path is not None:
+        base_dir = config_path.parent
+    settings = Settings(**sections, base_dir=(base_dir or Path.cwd()).resolve())
     _check_consistency(settings)
     return settings
+
+
+def with_environment(settings: Settings, environ: Mapping[str, str] | None = None) -> Settings:
+    """``settings`` with the environment's keys laid over it (a host passing a Settings object)."""
+    changed: dict[str, dict[str, Any]] = {}
+    for (section, key), raw in _read_environment(os.environ if environ is None else environ).items():
+        changed.setdefault(section, {})[key] = _parse(section, key, raw)
+    if not changed:
+        return settings
+    settings = dataclasses.replace(
+        settings,
+        **{section: dataclasses.replace(getattr(settings, section), **keys) for section, keys in changed.items()},
+    )
+    _check_consistency(settings)
+    return settings
+
+
+def _parse(section: str, key: str, raw: str) -> Any:
+    try:
+        return SCHEMA[section][key][1](raw)
+    except ValueError as exc:
+        raise SettingsError(f"{section}.{key}", str(exc)) from None
 
 
 def _check_consistency(settings: Settings) -> None:

@@ -6,6 +6,7 @@ import engineio.packet
 import socketio
 import tornado.websocket
 
+from handlers.identity import Identify
 from handlers.socketio_namespace import ChatNamespace
 from server.settings import Settings
 from services.chat_service import ChatService
@@ -27,7 +28,9 @@ class ChatSocketIOServer(socketio.AsyncServer):
             socket.queue.put_nowait(engineio.packet.Packet(engineio.packet.NOOP))
 
 
-def build_socketio(settings: Settings, chat: ChatService) -> tuple[socketio.AsyncServer, type]:
+def build_socketio(
+    settings: Settings, chat: ChatService, identify: Identify | None = None
+) -> tuple[socketio.AsyncServer, type]:
     origins = settings.server.cors_origins
     sio = ChatSocketIOServer(
         async_mode="tornado",
@@ -41,7 +44,7 @@ def build_socketio(settings: Settings, chat: ChatService) -> tuple[socketio.Asyn
         logger=False,
         engineio_logger=False,
     )
-    sio.register_namespace(ChatNamespace(chat))
+    sio.register_namespace(ChatNamespace(chat, identify))
     base = socketio.get_tornado_handler(sio)
 
     class SocketIOHandler(base):  # type: ignore[misc, valid-type]
@@ -52,6 +55,15 @@ def build_socketio(settings: Settings, chat: ChatService) -> tuple[socketio.Asyn
                 return True
             # same origin only (engineio's driver would let any origin upgrade)
             return tornado.websocket.WebSocketHandler.check_origin(self, origin)
+
+        def check_xsrf_cookie(self) -> None:
+            """Polling POSTs carry Engine.IO packets, not forms: a host app's `xsrf_cookies`
+            must not refuse them. Engine.IO checks the Origin itself (cors_allowed_origins)."""
+
+        @property
+        def max_message_size(self) -> int:
+            # the frame limit of API.md, whatever the (host) application's own setting
+            return MAX_FRAME_BYTES
 
         def get_compression_options(self) -> None:
             return None  # no permessage-deflate, see http_compression above

@@ -24,6 +24,7 @@ class TokenVerifier:
         audience: str = "",
         issuer: str = "",
         user_id_claim: str = "sub",
+        require_exp: bool = True,
     ) -> None:
         self.enabled = bool(secret or public_key)
         self._secret = secret
@@ -32,6 +33,8 @@ class TokenVerifier:
         self._audience = audience or None
         self._issuer = issuer or None
         self._claim = user_id_claim
+        # a token without `exp` would be valid forever once leaked
+        self._required = ["exp"] if require_exp else []
 
     def user_id(self, token: object) -> str | None:
         """None for anonymous (no token, or JSON null); the user id for a valid token."""
@@ -55,7 +58,7 @@ class TokenVerifier:
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=LEEWAY_SECONDS,
-                options={"verify_aud": self._audience is not None},
+                options={"verify_aud": self._audience is not None, "require": self._required},
             )
         except ChatError:
             raise
@@ -63,11 +66,14 @@ class TokenVerifier:
             raise ChatError("invalid_token", "The token has expired.") from None
         except jwt.ImmatureSignatureError:
             raise ChatError("invalid_token", "The token is not valid yet.") from None
+        except jwt.MissingRequiredClaimError:
+            raise ChatError("invalid_token", "The token has no 'exp' (expiry) claim.") from None
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
             raise ChatError("invalid_token", "The token was issued for another service.") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise ChatError("invalid_token", "The token is malformed or its signature does not verify.") from None
         user = claims.get(self._claim)
+        # PyJWT itself refuses a non-string `sub`; a custom user_id_claim may be an integer
         if isinstance(user, int) and not isinstance(user, bool):
             user = str(user)
         if not isinstance(user, str) or not user:

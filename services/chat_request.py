@@ -20,6 +20,17 @@ class ChatMessage:
     session_id_given: bool
 
 
+def is_valid_text(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON allows "\\ud800"; UTF-8 cannot carry it)."""
+    if text.isascii():  # O(1): CPython keeps the flag
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -40,6 +51,8 @@ def parse_chat_message(payload: object, max_message_chars: int) -> ChatMessage:
         raise ChatError("invalid_request", "'message' must not be empty.")
     if len(message) > max_message_chars:
         raise ChatError("invalid_request", f"'message' is longer than {max_message_chars} characters.")
+    if not is_valid_text(message):
+        raise ChatError("invalid_request", "'message' must be valid Unicode text (it has a lone surrogate).")
     session_id = payload.get("sessionId")
     if session_id is None:
         return ChatMessage(message, new_id(), False)

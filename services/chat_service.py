@@ -21,7 +21,9 @@ from services.auth import TokenVerifier
 from services.chat_request import MESSAGE_ID, check_session_id, new_id, parse_chat_message
 from services.errors import ChatError, UpstreamError
 from services.generation import MAX_ANSWER_CHARS, Generation, GenerationListener, Outcome
-from services.rate_limiter import Limiter, RateStatus
+from services.log_context import ANSWER_IDS
+from services.metrics import ChatMetrics
+from services.rate_limiter import USER_KEY_PREFIX, Limiter, RateStatus, address_key
 from services.store.base import (
     STATUS_COMPLETE,
     STATUS_ERROR,
@@ -31,10 +33,12 @@ from services.store.base import (
     FencedOut,
     FinishedMessage,
     NewTurn,
+    OwnershipConflict,
     SessionRecord,
     SessionSummary,
     StoreError,
 )
+from services.store.health import StoreHealth
 
 if TYPE_CHECKING:
     from services.cluster.coordinator import ClusterCoordinator
@@ -80,6 +84,10 @@ class Caller:
     token: object = NO_TOKEN
     #: the token given once in the Socket.IO handshake, used when the message has none
     handshake_token: object = None
+    #: the user an embedding host's own login named; when set, no token is looked at
+    host_user: str | None = None
+    #: which transport asks ("sse" or "socketio"): the label of its answers in the metrics
+    transport: str = "sse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +105,19 @@ class ChatService:
         verifier: TokenVerifier,
         limiter: Limiter,
         policy: ChatPolicy,
+        store_health: StoreHealth | None = None,
+        metrics: ChatMetrics | None = None,
         cluster: ClusterCoordinator | None = None,
     ) -> None:
         """``cluster``: cluster mode (the limiter is then the shared Redis one)."""
         self.provider = provider
+        self.metrics = metrics if metrics is not None else ChatMetrics(enabled=False)
         self.store = store
         self.verifier = verifier
         self.limiter = limiter
         self.policy = policy
+        #: recent write failures: /readyz and the chat path look at it
+        self.store_health = store_health if store_health is not None else StoreHealth()
         self.accepting = True
         self._grace_cut = asyncio.Event()
         self._by_session: dict[str, Generation] = {}
@@ -117,6 +130,8 @@ class ChatService:
 
     def identify(self, caller: Caller) -> str | None:
         """The caller's user id, None for anonymous; ChatError `invalid_token` for a bad token."""
+        if caller.host_user is not None:
+            return caller.host_user
         if caller.authorization is not None:
             return self.verifier.user_from_authorization(caller.authorization)
         return self.verifier.user_id(caller.handshake_token if caller.token is NO_TOKEN else caller.token)
@@ -141,8 +156,8 @@ class ChatService:
 
     def _rate_key(self, user: str | None, caller: Caller) -> tuple[str, int]:
         if user is not None:
-            return f"user:{user}", self.policy.authenticated_limit
-        return f"ip:{caller.client_ip}", self.policy.anonymous_limit
+            return USER_KEY_PREFIX + user, self.policy.authenticated_limit
+        return "ip:" + address_key(caller.client_ip), self.policy.anonymous_limit
 
     # --- chat -----------------------------------------------------------------------
 
@@ -151,6 +166,13 @@ class ChatService:
 
         Raises ChatError (with ``rate`` set when the caller is known) before anything starts.
         """
+        try:
+            return await self._start_chat(payload, caller, listener)
+        except ChatError as error:
+            self.metrics.refused(error.code)
+            raise
+
+    async def _start_chat(self, payload: object, caller: Caller, listener: GenerationListener) -> StartedChat:
         try:
             user = self.identify(caller)
         except ChatError as error:
@@ -169,7 +191,9 @@ class ChatService:
                 context = await self._store_call(
                     self.store.load_context(request.session_id, self.policy.max_history_messages)
                 )
-                if context is not None and context.owner is not None and context.owner != user:
+                # writing needs the same owner: an owned session is its owner's alone, and a
+                # user's words must not land in an anonymous one, readable by anyone with the id
+                if context is not None and context.owner != user:
                     raise ChatError("not_found", NOT_FOUND)
                 self._check_not_running(request.session_id, user)  # another request may have won the race
                 if not self.accepting:  # shutdown began meanwhile
@@ -194,9 +218,11 @@ class ChatService:
                 error.rate = await self._peek(rate_key, limit)
             raise
 
+        owner = user  # an existing session's owner is the caller's (checked above)
         generation = Generation(request.session_id, message_id, owner, time.monotonic())
         self._by_session[generation.session_id] = generation
         self._by_message[generation.message_id] = generation
+        self.metrics.answer_started()
         generation.attach(listener)
         messages = [{"role": "system", "content": self.policy.system_prompt}] if self.policy.system_prompt else []
         if context is not None:
@@ -212,7 +238,7 @@ class ChatService:
             created_at=datetime.now(UTC),
             fence=held.fence if held is not None else None,
         )
-        generation.task = asyncio.create_task(self._generate(generation, turn, messages, held))
+        generation.task = asyncio.create_task(self._generate(generation, turn, messages, caller.transport, held))
         return StartedChat(generation, rate)
 
     async def _acquire(self, key: str, limit: int) -> RateStatus:
@@ -289,18 +315,23 @@ class ChatService:
         return await self._store_call(self.store.list_sessions(user))
 
     async def delete_session(self, session_id: object, caller: Caller) -> None:
-        await self.get_session(session_id, caller)  # ownership check
-        running = self._by_session.get(str(session_id))
+        user = self.identify(caller)
+        session_id = check_session_id(session_id)
+        exists, owner = await self._store_call(self.store.get_owner(session_id))
+        if not exists or not self._may_access(owner, user):
+            raise ChatError("not_found", NOT_FOUND)
+        running = self._by_session.get(session_id)
         if running is not None:
             running.cancel("user")
             await asyncio.wait({running.task} if running.task else set())
         elif self.cluster is not None:  # an answer on another node stops too (not awaited)
-            await self.cluster.stop_remote(str(session_id), self.identify(caller))
-        await self._store_call(self.store.delete_session(str(session_id)))
+            await self.cluster.stop_remote(session_id, user)
+        await self._store_call(self.store.delete_session(session_id))
 
     async def ready(self) -> bool:
-        """Whether to send traffic here: the store answers and no shutdown has begun."""
-        if not self.accepting:
+        """Whether to send traffic here: the store answers, has not failed to write lately, and
+        no shutdown has begun."""
+        if not self.accepting or not self.store_health.healthy:
             return False
         try:
             await asyncio.wait_for(self.store.ping(), timeout=5)
@@ -344,11 +375,11 @@ class ChatService:
         return owner is None or owner == user
 
     def _check_not_running(self, session_id: str, user: str | None) -> None:
-        """`busy` while an answer is being generated; `not_found` if the session is not yours."""
+        """`busy` while an answer is being generated; `not_found` if you may not write into it."""
         running = self._by_session.get(session_id)
         if running is None:
             return
-        if not self._may_access(running.owner, user):
+        if running.owner != user:  # the write rule of start_chat, for a session not stored yet
             raise ChatError("not_found", NOT_FOUND)
         raise ChatError("busy", "An answer for this session is still being generated.")
 
@@ -361,19 +392,31 @@ class ChatService:
             raise ChatError("internal_error", "The conversation store is unavailable; please try again.") from None
 
     async def _generate(
-        self, generation: Generation, turn: NewTurn, messages: list[dict[str, str]], held: HeldLock | None
+        self,
+        generation: Generation,
+        turn: NewTurn,
+        messages: list[dict[str, str]],
+        transport: str,
+        held: HeldLock | None = None,
     ) -> None:
         generation.started = True
+        ANSWER_IDS.set((generation.session_id, generation.message_id))  # this task's own context
         started = time.monotonic()
         usage = UsageReport()
         # The user message is written while the upstream works on its first token.
-        begun = asyncio.create_task(self.store.begin_turn(turn))
+        begun = asyncio.create_task(self._begin_turn(generation, turn))
         # If that write fails, stop the upstream call at once instead of at its first token.
         begun.add_done_callback(lambda task: task.cancelled() or task.exception() is None or generation.cancel("store"))
         ttft_ms: float | None = None
         error: ChatError | None = None
         checkpointing: asyncio.Task[None] | None = None
         try:
+            if not self.store_health.healthy:
+                # The store failed lately: store the question before calling the upstream, so a
+                # full disk does not cost an upstream call per message. While healthy the two
+                # overlap: awaiting first would add the write to every answer's first token
+                # (SQLite: median 0.12 ms, p99 5 ms; MongoDB: a network round trip).
+                await asyncio.shield(begun)
             # a cancel that came before this task ran is only noted (see Generation.cancel)
             if generation.cancel_requested is None:
                 async with contextlib.aclosing(self.provider.stream(messages, usage)) as deltas:
@@ -404,13 +447,45 @@ class ChatService:
         except UpstreamError as exc:
             log.warning("answer %s: upstream %s: %s", generation.message_id, exc.code, exc.detail)
             error = exc
-        except StoreError as exc:
-            log.error("answer %s: could not store the user message: %s", generation.message_id, exc)
+        except OwnershipConflict:
+            error = ChatError("not_found", NOT_FOUND)
+        except StoreError:  # logged by _begin_turn
             error = ChatError("internal_error", STORE_FAILED)
         except Exception:
             log.exception("answer %s: unexpected failure", generation.message_id)
             error = ChatError("internal_error", "The answer failed unexpectedly.")
-        await self._finish(generation, begun, checkpointing, usage, ttft_ms, error, held)
+        try:
+            await self._finish(generation, begun, checkpointing, usage, ttft_ms, error, held)
+        finally:
+            self.metrics.answer_ended(
+                transport,
+                generation.outcome.status if generation.outcome is not None else STATUS_ERROR,
+                duration_seconds=time.monotonic() - generation.created_at,
+                ttft_seconds=None if ttft_ms is None else ttft_ms / 1000,
+                # the deltas relayed, counted once here: nothing is recorded per chunk
+                chunks=len(generation.deltas),
+                tokens=usage.tokens,
+            )
+
+    async def _begin_turn(self, generation: Generation, turn: NewTurn) -> None:
+        """Store the question; a failure is logged here, once, and marks the store unhealthy."""
+        try:
+            await self.store.begin_turn(turn)
+        except OwnershipConflict:
+            log.info("answer %s: session taken by another caller meanwhile", generation.message_id)
+            raise
+        except FencedOut as exc:  # not a store failure: this node lost the session's lock
+            log.error("answer %s: not stored, the session moved on: %s", generation.message_id, exc)
+            raise
+        except StoreError as exc:
+            self.store_health.write_failed()
+            log.error("answer %s: could not store the user message: %s", generation.message_id, exc)
+            raise
+        except Exception as exc:
+            self.store_health.write_failed()
+            log.exception("answer %s: could not store the user message", generation.message_id)
+            raise StoreError(type(exc).__name__) from exc
+        self.store_health.write_succeeded()
 
     async def _checkpoint(self, generation: Generation, fence: int | None) -> None:
         try:
@@ -418,8 +493,14 @@ class ChatService:
                 generation.message_id, generation.text,
                 None if fence is None else Fence(generation.session_id, fence),
             )
+        except FencedOut as exc:  # not a store failure: this node lost the session's lock
+            log.warning("answer %s: checkpoint refused, the session moved on: %s", generation.message_id, exc)
         except StoreError as exc:
+            self.store_health.write_failed()
             log.warning("answer %s: checkpoint failed: %s", generation.message_id, exc)
+        except Exception:
+            self.store_health.write_failed()
+            log.exception("answer %s: checkpoint failed", generation.message_id)
 
     async def _finish(
         self,
@@ -459,14 +540,20 @@ class ChatService:
                         )
                     )
                     stored = True
+                    self.store_health.write_succeeded()
         except FencedOut as exc:
             # this node lost the session's lock (paused past its TTL): the newer answer stays
             log.error("answer %s: not stored, the session moved on: %s", generation.message_id, exc)
         except (StoreError, TimeoutError) as exc:
+            self.store_health.write_failed()
             log.error("answer %s: could not store the answer: %s", generation.message_id, exc or "timed out")
+        except Exception:
+            self.store_health.write_failed()
+            log.exception("answer %s: could not store the answer", generation.message_id)
         finally:
             if not stored and error is None:
-                error = ChatError("internal_error", STORE_FAILED)
+                taken = begun.done() and not begun.cancelled() and isinstance(begun.exception(), OwnershipConflict)
+                error = ChatError("not_found", NOT_FOUND) if taken else ChatError("internal_error", STORE_FAILED)
             self._by_session.pop(generation.session_id, None)
             self._by_message.pop(generation.message_id, None)
             if held is not None:  # the session is free before its closing frame

@@ -12,6 +12,7 @@ HTTP_STATUS = {
     "invalid_json": 400,
     "invalid_request": 400,
     "invalid_token": 401,
+    "forbidden": 403,
     "not_found": 404,
     "busy": 409,
     "too_large": 413,

@@ -25,6 +25,10 @@ log = logging.getLogger("aichat.chat")
 # Bounds the in-memory buffer of one answer; an upstream that goes past it is cut off.
 MAX_ANSWER_CHARS = 1_000_000
 
+# Clients following one live answer at once (the original stream and its resumes): every
+# listener costs a copy of every delta, so a hostile client must not multiply them.
+MAX_LISTENERS = 32
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -42,6 +46,9 @@ class GenerationListener(Protocol):
 
     def on_end(self, generation: Generation, outcome: Outcome) -> None:
         """Called once, after the last delta."""
+
+    def abort(self, generation: Generation) -> None:
+        """End the response at once: the listener failed and is being dropped."""
 
 
 class Generation:
@@ -98,9 +105,15 @@ class Generation:
                 listener.on_end(self, outcome)
             except Exception:
                 log.exception("answer %s: a listener failed at the end", self.message_id)
+                self._abort(listener)
 
     def attach(self, listener: GenerationListener, after_seq: int = 0) -> None:
-        """Start delivering to ``listener``, first replaying what came after ``after_seq``."""
+        """Start delivering to ``listener``, first replaying what came after ``after_seq``.
+
+        ChatError `busy` when MAX_LISTENERS clients already follow this live answer.
+        """
+        if self.outcome is None and len(self.listeners) >= MAX_LISTENERS:
+            raise ChatError("busy", "Too many clients are following this answer; close one and retry.")
         if after_seq < self.length:
             listener.on_delta(self, self.length, self.text[after_seq:])
         if self.outcome is not None:
@@ -112,6 +125,14 @@ class Generation:
         # one client's broken transport must not fail the answer for the others
         log.exception("answer %s: dropping a listener that failed", self.message_id)
         self.listeners = [other for other in self.listeners if other is not listener]
+        self._abort(listener)
+
+    def _abort(self, listener: GenerationListener) -> None:
+        # a dropped listener must still end its response, or its client waits forever
+        try:
+            listener.abort(self)
+        except Exception:
+            log.exception("answer %s: a dropped listener could not end its response", self.message_id)
 
     def detach(self, listener: GenerationListener) -> int:
         """Stop delivering to ``listener``; returns how many listeners are left."""

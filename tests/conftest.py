@@ -221,3 +221,12 @@ async def socket_client() -> AsyncIterator[Callable[..., Awaitable[SocketClient]
 
 def streamed_text(events: list[tuple[str, dict[str, Any]]]) -> str:
     return "".join(data["content"] for name, data in events if name == "ai:stream")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test item (`item.report_call`...), for fixtures that
+    save evidence on failure (the browser tests' screenshots)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -26,6 +26,8 @@ class Script:
     delay: float = 0.0
     #: answer with this HTTP status (and an OpenAI-style error body) instead of a stream
     status: int = 200
+    #: with an error status: a `retry-after-ms` header (the SDK waits this long before retrying)
+    retry_after_ms: int | None = None
     #: close the connection abruptly after this many chunks
     drop_after: int | None = None
     #: stop sending (but keep the connection open) after this many chunks
@@ -71,6 +73,8 @@ class _CompletionsHandler(tornado.web.RequestHandler):
             return
         if script.status != 200:
             self.set_status(script.status)
+            if script.retry_after_ms is not None:
+                self.set_header("retry-after-ms", str(script.retry_after_ms))
             self.set_header("Content-Type", "application/json")
             self.finish({"error": {"message": "fake upstream failure", "type": "server_error", "code": None}})
             return

@@ -1,4 +1,4 @@
-"""A TCP forwarder that can be cut and restored, to simulate a store outage."""
+"""A TCP forwarder that can be cut and restored, to simulate a store outage or a dropped connection."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ class Relay:
     async def stop(self) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    def cut(self) -> None:
+        """Drop every connection open now (both sides see it reset); new ones still get through."""
         for writer in self._writers:
             writer.transport.abort()
         self._writers.clear()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -103,4 +105,65 @@ async def test_errors_reach_the_example(node, server, upstream):
     assert code == 0
     assert result["error"]["code"] == "invalid_token"
     assert [e["event"] for e in result["events"]] == ["ai:error"]
+    assert upstream.requests == []
+
+
+README = JS_DIR.parent.parent / "README.md"
+
+
+def readme_node_example() -> str:
+    """The README's Node example (the first js block under "### Node"), verbatim."""
+    text = README.read_text()
+    section = text[text.index("\n### Node\n"):]
+    start = section.index("```js\n") + len("```js\n")
+    return section[start:section.index("\n```", start)]
+
+
+async def run_readme_example(node: str, tmp_path: Path, env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    script = tmp_path / "chat.mjs"
+    script.write_text(readme_node_example())
+    if not (tmp_path / "node_modules").exists():
+        (tmp_path / "node_modules").symlink_to(JS_DIR / "node_modules")
+    process = await asyncio.create_subprocess_exec(
+        node, str(script), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
+    )
+    try:  # it must exit by itself: a hang is a failure
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_readme_node_example_runs_and_exits(node, server, upstream, tmp_path):
+    upstream.default = Script(chunks=CHUNKS, delay=0.01)
+    code, out, err = await run_readme_example(node, tmp_path, {"CHAT_URL": url(server, "")}, "Hi from the README")
+    assert code == 0, err
+    answer, _, tail = out.rpartition("\n[session ")
+    assert answer == ANSWER
+    session_id = tail.removesuffix("]\n")
+    assert str(uuid.UUID(session_id)) == session_id
+    assert upstream.requests[-1].body["messages"][-1] == {"role": "user", "content": "Hi from the README"}
+
+    # continuing that conversation
+    code, out, err = await run_readme_example(
+        node, tmp_path, {"CHAT_URL": url(server, ""), "CHAT_SESSION": session_id}, "And again")
+    assert (code, out.rpartition("\n[session ")[2]) == (0, f"{session_id}]\n"), err
+    assert [m["content"] for m in upstream.requests[-1].body["messages"][-3:]] == [
+        "Hi from the README", ANSWER, "And again"]
+
+
+async def test_readme_node_example_reports_errors_and_exits(node, server, upstream, tmp_path):
+    code, out, err = await run_readme_example(node, tmp_path, {"CHAT_URL": url(server, ""), "CHAT_TOKEN": "garbage"})
+    assert (code, out) == (1, "")
+    assert err.startswith("invalid_token: ")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    code, out, err = await run_readme_example(node, tmp_path, {"CHAT_URL": f"http://127.0.0.1:{port}"})
+    assert (code, out) == (2, "")
+    assert err.startswith("cannot connect: ")
     assert upstream.requests == []

@@ -203,22 +203,19 @@ async def test_anonymous_sessions_are_open_to_anyone_holding_the_id(server, upst
         assert status == 200
         assert body["messages"][0]["content"] == "anonymous question"
 
-    # a logged-in user continues it (SSE), another one over Socket.IO, anyone anonymously
-    await create(server, "anon-open", A, "A joins")
-    client = await socket_client(server, auth={"token": token("user-b")})
-    name, data = (await client.chat({"message": "B joins", "sessionId": "anon-open"}))[-1]
-    assert name == "ai:complete", data
+    # anyone anonymous continues it (Socket.IO); a logged-in user may not write into it
+    # (tests/test_hostile_services.py: her words would be readable by anyone with the id)
     anonymous = await socket_client(server)
     name, data = (await anonymous.chat({"message": "anon again", "sessionId": "anon-open"}))[-1]
     assert name == "ai:complete", data
     # every turn saw the whole conversation so far
     assert [m["content"] for m in upstream.requests[-1].body["messages"] if m["role"] == "user"] == [
-        "anonymous question", "A joins", "B joins", "anon again"]
+        "anonymous question", "anon again"]
 
-    # joining does not take it over: it stays anonymous, in nobody's list
+    # it stays anonymous, in nobody's list
     status, body = await history(server, "anon-open", NOBODY)
     assert status == 200
-    assert len(body["messages"]) == 8
+    assert len(body["messages"]) == 4
     assert await listed(server, A) == []
     assert await listed(server, B) == []
 

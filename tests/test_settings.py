@@ -435,3 +435,26 @@ async def test_demo_provider_without_key(tmp_path):
         assert len([e for e in result.events if "content" in e]) > 5  # streamed in pieces
     finally:
         await running.shutdown(0)
+
+
+# --- where settings and the database are found (run.py, the binary) ---------------------
+
+
+def test_relative_sqlite_path_is_relative_to_the_settings_file(tmp_path):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    ini = write_ini(folder, "[storage]\nsqlite_path = db/chat.sqlite3\n")
+    assert load_settings(ini, environ={}).sqlite_file == folder.resolve() / "db" / "chat.sqlite3"
+    # without a file: the given base (run.py: its own folder, or the executable's)
+    assert load_settings(None, environ={}, base_dir=tmp_path).sqlite_file == tmp_path / "data" / "chat.sqlite3"
+    absolute = tmp_path / "elsewhere.sqlite3"
+    assert load_settings(ini, environ={"AICHAT_STORAGE_SQLITE_PATH": str(absolute)}).sqlite_file == absolute
+
+
+def test_run_py_finds_settings_ini_beside_itself(tmp_path):
+    import run
+
+    assert run.settings_file(None) == ROOT / "settings.ini"
+    given = tmp_path / "mine.ini"
+    assert run.settings_file(given) == given  # --config wins, and must exist (checked on load)
+    assert run.main(["--config", str(given)]) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -308,8 +309,9 @@ async def test_handshake_garbage_token_is_invalid_token(server, upstream, socket
 async def test_tokens_with_auth_configured(make_server, socket_client, transport):
     secret = "a-test-secret-that-is-long-enough-for-hs256"
     server = await make_server(auth__jwt_secret=secret)
-    alice = jwt.encode({"sub": "alice"}, secret, algorithm="HS256")
-    bob = jwt.encode({"sub": "bob"}, secret, algorithm="HS256")
+    expiry = int(time.time()) + 3600  # a token without `exp` is refused (jwt_require_exp)
+    alice = jwt.encode({"sub": "alice", "exp": expiry}, secret, algorithm="HS256")
+    bob = jwt.encode({"sub": "bob", "exp": expiry}, secret, algorithm="HS256")
 
     client = await socket_client(server, transport=transport, auth={"token": alice})
     check_answer(await client.chat({"message": "mine", "sessionId": "alice-1"}), DEFAULT_ANSWER, "alice-1")

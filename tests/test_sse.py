@@ -458,6 +458,56 @@ async def test_cors_on_error_responses(make_server):
     assert ci(result.headers)["Access-Control-Allow-Origin"] == "https://app.example"
 
 
+async def test_vary_origin_on_every_response_when_origins_are_listed(make_server):
+    # the CORS headers depend on the Origin: a shared cache must not serve one origin's
+    # response to another, so even a disallowed or absent Origin gets `Vary: Origin`
+    server = await make_server(server__cors_origins="https://app.example, https://other.example")
+    requests = [("GET", "/healthz"), ("GET", "/api/v2/ai/chat/sessions/nope"), ("GET", "/nope"),
+                ("OPTIONS", CHAT)]
+    for origin in ("https://app.example", "https://evil.example", None):
+        headers = {"Origin": origin} if origin else {}
+        results = [await http_json(server, method, path, headers=headers) for method, path in requests]
+        chat = await sse_post(server, {"message": "hi"}, headers=headers)
+        for _, _, raw in [*results, (chat.status, None, chat.headers)]:
+            response = ci(raw)
+            assert "origin" in {v.strip().lower() for v in response.get("Vary", "").split(",")}, (origin, raw)
+            if origin == "https://app.example":
+                assert response["Access-Control-Allow-Origin"] == origin
+                assert "RateLimit-Remaining" in response["Access-Control-Expose-Headers"]
+            else:
+                assert "Access-Control-Allow-Origin" not in response
+                assert "Access-Control-Expose-Headers" not in response
+
+
+async def test_no_vary_origin_when_the_answer_does_not_depend_on_it(make_server, server):
+    any_origin = await make_server(server__cors_origins="*")
+    for origin in ("https://x.example", None):
+        headers = {"Origin": origin} if origin else {}
+        _, _, raw = await http_json(any_origin, "GET", "/healthz", headers=headers)
+        assert ci(raw)["Access-Control-Allow-Origin"] == "*"
+        assert "Access-Control-Expose-Headers" in ci(raw)
+        assert "Vary" not in ci(raw)
+        # same origin only (the default): no CORS header at all
+        _, _, raw = await http_json(server, "GET", "/healthz", headers=headers)
+        assert not {"Vary", "Access-Control-Allow-Origin", "Access-Control-Expose-Headers"} & set(ci(raw))
+
+
+async def test_refused_chats_carry_rate_limit_headers(make_server, upstream):
+    # 401, 413 and 415 are refused before the service sees the message, yet tell the budget
+    server = await make_server(server__max_body_bytes=100)
+    refused = [
+        await sse_post(server, {"message": "hi"}, headers={"Authorization": "Bearer not-a-jwt"}),
+        await sse_post(server, {"message": "x" * 200}),
+        await sse_post(server, None, raw=b'{"message": "hi"}', headers={"Content-Type": "text/plain"}),
+    ]
+    assert [r.status for r in refused] == [401, 413, 415]
+    for result in refused:
+        headers = ci(result.headers)
+        assert (headers["RateLimit-Limit"], headers["RateLimit-Remaining"]) == ("20", "20")
+        assert headers["RateLimit-Reset"].isdigit()
+    assert upstream.requests == []
+
+
 async def test_healthz(server):
     status, body, headers = await http_json(server, "GET", "/healthz")
     assert status == 200

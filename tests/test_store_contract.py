@@ -29,6 +29,7 @@ from services.store.base import (
     FencedOut,
     FinishedMessage,
     NewTurn,
+    OwnershipConflict,
     StoreError,
 )
 from services.store.mongo_store import MongoStore
@@ -107,6 +108,16 @@ async def test_absent_things(store: ChatStore) -> None:
     assert await store.get_message("nope") is None
     assert await store.list_sessions("nobody") == []
     assert await store.delete_session("nope") is False
+    assert await store.get_owner("nope") == (False, None)
+
+
+async def test_get_owner_tells_existence_and_owner(store: ChatStore) -> None:
+    await store.begin_turn(new_turn("owned", 1, owner="alice"))
+    await store.begin_turn(new_turn("anon", 1, owner=None))
+    assert await store.get_owner("owned") == (True, "alice")
+    assert await store.get_owner("anon") == (True, None)
+    await store.delete_session("owned")
+    assert await store.get_owner("owned") == (False, None)
 
 
 async def test_begin_turn_creates_the_session(store: ChatStore) -> None:
@@ -164,14 +175,22 @@ async def test_anonymous_session_has_no_owner(store: ChatStore) -> None:
 async def test_a_turn_never_lands_in_another_users_session(store: ChatStore) -> None:
     # two writers raced to create the same session id; the second one must not write into it
     await store.begin_turn(new_turn("raced", 1, owner="alice"))
-    with pytest.raises(StoreError):
+    with pytest.raises(OwnershipConflict):
         await store.begin_turn(new_turn("raced", 2, owner="bob"))
+    with pytest.raises(OwnershipConflict):
+        await store.begin_turn(new_turn("raced", 3, owner=None))
     session = await store.get_session("raced")
     assert session is not None and session.owner == "alice"
     assert [m.id for m in session.messages] == ["raced-u1", "raced-a1"]
+    # an anonymous session takes anonymous turns only: a user's words would be readable by
+    # anyone holding the id (API.md, Sessions and history)
     await store.begin_turn(new_turn("open", 1, owner=None))
-    await store.begin_turn(new_turn("open", 2, owner="bob"))  # anonymous sessions take anyone
-    assert len((await store.get_session("open")).messages) == 4
+    await store.begin_turn(new_turn("open", 2, owner=None))
+    with pytest.raises(OwnershipConflict):
+        await store.begin_turn(new_turn("open", 3, owner="bob"))
+    open_session = await store.get_session("open")
+    assert open_session is not None and open_session.owner is None
+    assert len(open_session.messages) == 4
 
 
 async def test_load_context_is_the_last_messages_with_text_oldest_first(store: ChatStore) -> None:
@@ -324,6 +343,18 @@ async def test_delete_session_removes_it_and_its_messages(store: ChatStore) -> N
     await store.begin_turn(new_turn("s1", 1, owner="carol", content="again"))
     reborn = await store.get_session("s1")
     assert reborn is not None and (reborn.owner, reborn.title, len(reborn.messages)) == ("carol", "again", 2)
+
+
+async def test_text_the_store_cannot_encode_is_a_store_error(store: ChatStore) -> None:
+    # not only the driver's own errors: an encoding error (here a lone surrogate, which
+    # UTF-8 cannot carry) must reach the chat service as StoreError too
+    with pytest.raises(StoreError):
+        await store.begin_turn(new_turn("bad", 1, content="lone \ud800 surrogate"))
+    turn = new_turn("s1", 1)
+    await store.begin_turn(turn)
+    with pytest.raises(StoreError):
+        await store.finish_message(finished(turn, "answer \udfff", at(1)))
+    await store.ping()  # and the store still works
 
 
 async def test_reused_message_id_is_a_store_error(store: ChatStore) -> None:

@@ -8,7 +8,8 @@ the SDK's typed per-chunk objects cost several times more CPU than the relay its
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
@@ -18,6 +19,13 @@ from services.ai.base import UsageReport
 from services.errors import UpstreamError
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# The SDK numbers every attempt of a request in this header: 0 first, then 1, 2, ... per retry.
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+
+# A decoded JSON string can hold a lone surrogate ("\ud800"): UTF-8 cannot encode it, so it
+# would break every writer downstream. Paired surrogates decode to one code point, so any
+# surrogate left in a Python string is a lone one.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class OpenAIProvider:
@@ -31,8 +39,12 @@ class OpenAIProvider:
         model: str,
         timeout_seconds: float,
         max_retries: int,
+        max_tokens: int | None = None,
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
+        #: the answer's length limit sent to the model; None: the model's own
+        self.max_tokens = max_tokens
         self.base_url = base_url or OPENAI_DEFAULT_BASE_URL
         #: the endpoint as logs show it: no credentials, no query string
         self.endpoint = _redacted(self.base_url)
@@ -42,8 +54,17 @@ class OpenAIProvider:
             base_url=self.base_url,
             timeout=timeout_seconds,  # connect, and every read: a stalled stream times out
             max_retries=max_retries,
-            http_client=openai.DefaultAioHttpClient(timeout=timeout_seconds),
+            http_client=openai.DefaultAioHttpClient(
+                timeout=timeout_seconds,
+                # once per HTTP attempt (not per chunk): the SDK's retries go through here too
+                event_hooks={"request": [self._count_retry]} if on_retry is not None else None,
+            ),
         )
+        self._on_retry = on_retry
+
+    async def _count_retry(self, request: httpx2.Request) -> None:
+        if request.headers.get(RETRY_COUNT_HEADER, "0") != "0" and self._on_retry is not None:
+            self._on_retry()
 
     async def close(self) -> None:
         await self._client.close()
@@ -55,7 +76,8 @@ class OpenAIProvider:
                 # Our messages are plain JSON already: handing them over as extra_body skips
                 # the SDK's typed transformation, ~170 us per message on every request.
                 messages=[],
-                extra_body={"messages": messages},
+                extra_body={"messages": messages} if self.max_tokens is None
+                else {"messages": messages, "max_tokens": self.max_tokens},
                 stream=True,
                 stream_options={"include_usage": True},
             ) as response:
@@ -75,6 +97,9 @@ class OpenAIProvider:
                         choice = choices[0]
                         content = (choice.get("delta") or {}).get("content")
                         if content:
+                            # isascii() is O(1): the regex runs only on non-ASCII chunks
+                            if not content.isascii() and _LONE_SURROGATE.search(content) is not None:
+                                content = _LONE_SURROGATE.sub("\ufffd", content)
                             yield content
                         if choice.get("finish_reason"):
                             finished = True

@@ -1,8 +1,9 @@
 """What one node does for the cluster: its session locks, stop requests, and followers.
 
 The chat service asks it to claim a session before an answer starts (the lock and the
-caller's rate-limit slot, in one script call) and to release it before the closing frame, to stop an answer that another node generates, and to follow
-(resume) an answer that another node generates.
+caller's rate-limit slot, in one script call) and to release it before the closing frame,
+to stop an answer that another node generates, and to follow (resume) an answer that
+another node generates.
 
 Following: the follower's node creates a *mirror* Generation, local to it, and asks the
 generating node over its control channel to relay the answer. The generating node
@@ -208,7 +209,7 @@ class ClusterCoordinator:
         except ClusterUnavailable as exc:
             raise unavailable(exc) from None
         if isinstance(result, LockHolder):
-            if result.owner is not None and result.owner != user:
+            if result.owner != user:  # the write rule: only the session's owner (anonymous: anonymous)
                 raise ChatError("not_found", NOT_FOUND)
             raise ChatError("busy", BUSY)
         if isinstance(result, RateStatus):

@@ -42,6 +42,10 @@ class Fence:
     number: int
 
 
+class OwnershipConflict(StoreError):
+    """begin_turn found the session owned by someone else (a race between two first messages)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ContextMessage:
     role: str
@@ -163,6 +167,10 @@ class ChatStore(abc.ABC):
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    @abc.abstractmethod
+    async def get_owner(self, session_id: str) -> tuple[bool, str | None]:
+        """Whether the session exists, and its owner (None: anonymous); one cheap lookup."""
 
     @abc.abstractmethod
     async def get_message(self, message_id: str) -> tuple[MessageRecord, str | None] | None:

@@ -34,6 +34,7 @@ from services.store.base import (
     FinishedMessage,
     MessageRecord,
     NewTurn,
+    OwnershipConflict,
     SessionContext,
     SessionRecord,
     SessionSummary,
@@ -50,12 +51,16 @@ _MESSAGE_FIELDS = {
 
 @contextlib.contextmanager
 def _translated(action: str) -> Iterator[None]:
-    """Turn driver errors into StoreError so callers handle one exception type."""
+    """Turn every error into StoreError so callers handle one exception type."""
     try:
         yield
+    except StoreError:
+        raise
     except (PyMongoError, BSONError) as exc:
         # pymongo's messages name hosts, never the credentials of the URI
         raise StoreError(f"mongodb {action}: {exc}") from exc
+    except Exception as exc:  # an encoding error, a driver bug...: still the store failing
+        raise StoreError(f"mongodb {action}: {type(exc).__name__}") from exc
 
 
 def _message(doc: dict[str, Any]) -> MessageRecord:
@@ -196,9 +201,10 @@ class MongoStore(ChatStore):
                 if turn.fence is None:
                     raise
                 raise FencedOut(f"session {turn.session_id}: fencing number {turn.fence} is outdated") from None
-            if session.get("owner") is not None and session["owner"] != turn.owner:
-                # another process created this session for someone else a moment ago
-                raise StoreError(f"session {turn.session_id} belongs to another user")
+            if session.get("owner") != turn.owner:
+                # another process created this session for someone else a moment ago (or an
+                # anonymous one, which a user must not write into)
+                raise OwnershipConflict(f"session {turn.session_id} belongs to another caller")
             count = session["messageCount"]
             # not one transaction (that needs a replica set); if this insert fails the session
             # merely keeps a gap in its seq numbers, which ordering tolerates
@@ -265,6 +271,11 @@ class MongoStore(ChatStore):
             updated_at=session["updatedAt"],
             messages=[_message(doc) for doc in docs],
         )
+
+    async def get_owner(self, session_id: str) -> tuple[bool, str | None]:
+        with _translated("get owner"):
+            session = await self._sessions.find_one({"_id": session_id}, {"owner": 1})
+        return (False, None) if session is None else (True, session.get("owner"))
 
     async def get_message(self, message_id: str) -> tuple[MessageRecord, str | None] | None:
         with _translated("get message"):

@@ -27,6 +27,7 @@ from services.store.base import (
     FinishedMessage,
     MessageRecord,
     NewTurn,
+    OwnershipConflict,
     SessionContext,
     SessionRecord,
     SessionSummary,
@@ -95,7 +96,7 @@ def _check_fence(db: sqlite3.Connection, session_id: str, number: int) -> None:
 class SqliteStore(ChatStore):
     def __init__(self, path: str) -> None:
         self._path = Path(path)
-        self.description = f"sqlite at {self._path}"
+        self.description = f"sqlite at {self._path.resolve()}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._connection: sqlite3.Connection | None = None
         self._closed = False
@@ -107,12 +108,19 @@ class SqliteStore(ChatStore):
             try:
                 with self._connection:  # one transaction: commit, or roll back on error
                     return work(self._connection)
+            except StoreError:
+                raise
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite: {exc}") from exc
+            except Exception as exc:  # MemoryError, OSError, a value SQLite cannot bind...
+                raise StoreError(f"sqlite: {type(exc).__name__}: {exc}") from exc
 
         if self._closed:  # close() stopped the thread: nothing can run any more
             raise StoreError("the store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
+        except RuntimeError as exc:  # the executor was shut down meanwhile
+            raise StoreError(f"sqlite: {exc}") from exc
 
     async def open(self) -> None:
         def connect() -> None:
@@ -128,7 +136,7 @@ class SqliteStore(ChatStore):
                     connection.execute("ALTER TABLE sessions ADD COLUMN fence INTEGER")
                 # `with connection` below needs implicit transactions
                 connection.isolation_level = ""
-            except (OSError, sqlite3.Error) as exc:
+            except Exception as exc:
                 raise StoreError(f"cannot open {self._path}: {exc}") from exc
             self._connection = connection
 
@@ -180,9 +188,10 @@ class SqliteStore(ChatStore):
                 " fence = COALESCE(?, fence) WHERE id = ? RETURNING message_count, owner",
                 (now, turn.fence, turn.session_id),
             ).fetchone()
-            if owner is not None and owner != turn.owner:
-                # another writer created this session for someone else a moment ago
-                raise StoreError(f"session {turn.session_id} belongs to another user")
+            if owner != turn.owner:
+                # another writer created this session for someone else a moment ago (or an
+                # anonymous one, which a user must not write into); the transaction rolls back
+                raise OwnershipConflict(f"session {turn.session_id} belongs to another caller")
             db.executemany(
                 "INSERT INTO messages (id, session_id, seq, role, content, status, created_at, updated_at, model)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -246,6 +255,13 @@ class SqliteStore(ChatStore):
                 updated_at=_to_datetime(updated_at),
                 messages=[_message(row) for row in rows],
             )
+
+        return await self._run(read)
+
+    async def get_owner(self, session_id: str) -> tuple[bool, str | None]:
+        def read(db: sqlite3.Connection) -> tuple[bool, str | None]:
+            row = db.execute("SELECT owner FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            return (False, None) if row is None else (True, row[0])
 
         return await self._run(read)
 
