@@ -33,7 +33,7 @@ def connect(url: str, *, max_connections: int = MAX_CONNECTIONS) -> aioredis.Red
         socket_keepalive=True,
         health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 class Keys:
