@@ -7,6 +7,7 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -15,6 +16,8 @@ from services.cluster.locks import HeldLock, LockHolder, SessionLocks
 from services.cluster.rate_limit import RedisRateLimiter
 from services.cluster.redis_client import ClusterUnavailable, Keys, connect
 from services.rate_limiter import RateLimiter, RateStatus
+from tests.conftest import SseResponse, read_sse, sse_post, url
+from tests.fake_upstream import Script
 from tests.redis_server import RedisProcess, key_prefix, redis_url  # noqa: F401  (fixtures)
 
 
@@ -180,3 +183,28 @@ async def test_control_channel_subscribes_again_after_redis_restarts(key_prefix:
         await redis.aclose()
         server.close()
     assert got[0] == {"t": "back"}
+
+
+async def test_two_servers_in_one_process_are_two_nodes(make_server, upstream, redis_url, key_prefix):  # noqa: F811
+    # same settings, so the same default node id (host:pid): each still gets its own channel
+    cluster = {"cluster__redis_url": redis_url, "cluster__key_prefix": key_prefix, "cluster__lock_ttl_seconds": 1}
+    first, second = await make_server(**cluster), await make_server(**cluster)
+    upstream.queue(Script(chunks=["one ", "two ", "three ", "four "] * 4 + ["one ", "two ", "three ", "four"],
+                          delay=0.05))
+    frames: list[dict[str, Any]] = []
+    running = asyncio.create_task(sse_post(first, {"message": "hi", "sessionId": "two-servers"},
+                                           on_event=lambda event: frames.append(event) or None))
+    async with asyncio.timeout(10):
+        while not frames:
+            await asyncio.sleep(0.01)
+    busy = await sse_post(second, {"message": "again", "sessionId": "two-servers"})
+    assert busy.status == 409
+    resumed = SseResponse(0, {})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url(second, f"/api/v2/ai/chat/stream/{frames[0]['messageId']}")) as response:
+            resumed.status = response.status
+            await read_sse(response, resumed)
+    origin = await running
+    assert not origin.last.get("code") and resumed.events[-1].get("done") is True
+    assert resumed.status == 200
+    assert resumed.content == origin.content == "one two three four " * 4 + "one two three four"

@@ -140,12 +140,14 @@ class ClusterCoordinator:
         limiter: RedisRateLimiter,
     ) -> None:
         self.redis = redis
-        self.node_id = node_id
+        # the configured name plus a per-instance suffix: two ChatServers in one process (same
+        # host:pid default) must not share a control channel
+        self.node_id = f"{node_id}/{os.urandom(3).hex()}"
         self.ttl_seconds = lock_ttl_seconds
         self.store = store
         self.limiter = limiter
-        self.locks = SessionLocks(redis, keys, node_id, lock_ttl_seconds)
-        self.control = ControlChannel(redis, keys, node_id, self._on_control)
+        self.locks = SessionLocks(redis, keys, self.node_id, lock_ttl_seconds)
+        self.control = ControlChannel(redis, keys, self.node_id, self._on_control)
         self._keys = keys
         # this node's running answers, shared with (owned by) the chat service
         self._by_session: dict[str, Generation] = {}
