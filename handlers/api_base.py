@@ -7,11 +7,13 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
+import tornado.http1connection
 import tornado.web
 
 from handlers.identity import Identify, host_user
 from services.chat_service import Caller, ChatService
 from services.errors import ChatError
+from services.host_filter import HostFilter
 
 log = logging.getLogger("aichat.http")
 
@@ -24,6 +26,12 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Tornado's own error statuses, mapped to the API's codes
 STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
+# Tornado's own cap for a request body is set this far above max_body_bytes: a chunked body
+# is then counted (and refused with our 413) by the handler before Tornado's cap answers a
+# bare 400. Costs no memory: a refused body is no longer kept, and Tornado buffers at most one
+# 64 KB read (its chunk_size) before handing it over.
+BODY_CAP_SLACK = 65536
+
 
 def as_chat_error(exc: Exception) -> ChatError:
     """A ChatError as it is; anything else is a bug: logged, and shown only as internal_error."""
@@ -33,28 +41,108 @@ def as_chat_error(exc: Exception) -> ChatError:
     return ChatError("internal_error", "Internal server error.")
 
 
+def refuse_foreign_host(handler: tornado.web.RequestHandler, host_filter: HostFilter | None) -> bool:
+    """For the routes that are not API handlers (the page, /metrics): 400 `invalid_host`
+    unless ``host_filter`` serves the request's Host (DNS-rebinding guard)."""
+    if host_filter is None or host_filter.allows(handler.request.headers.get("Host")):
+        return False
+    handler.set_status(400)
+    handler.set_header("Content-Type", "application/json; charset=utf-8")
+    handler.finish(json.dumps({"error": "This Host is not served.", "code": "invalid_host"}))
+    return True
+
+
+def declared_length(value: str | None) -> int | None:
+    """A Content-Length header as a number; None when absent or not a plain number."""
+    if value is None:
+        return None
+    value = value.split(",")[0].strip()  # Tornado accepts repeated equal values
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value) <= 18 else 10**18  # int() refuses over 4,300 digits
+
+
+@tornado.web.stream_request_body
 class ApiHandler(tornado.web.RequestHandler):
+    """The body streams in (stream_request_body), so that prepare() can refuse it before it is read.
+
+    Tornado's server-wide body cap is sized for /socket.io/ frames (2 MB); every API route
+    lowers it for its own request to ``max_body_bytes`` in prepare(), which also works when
+    the routes are mounted in a host's Application and HTTPServer. Only routes that read a
+    body (``reads_body``) keep it; the others discard what arrives.
+    """
+
+    #: keep the request body (in ``self.body``) for the handler method
+    reads_body = False
+
     chat: ChatService
     cors_origins: tuple[str, ...] = ()
     identify: Identify | None = None
     #: the user the host application's identify() named (embedding); None: JWT rules
     host_user: str | None = None
 
-    def initialize(self, chat: ChatService, cors_origins: tuple[str, ...], identify: Identify | None = None) -> None:
+    def initialize(self, chat: ChatService, cors_origins: tuple[str, ...], max_body_bytes: int,
+                   host_filter: HostFilter, identify: Identify | None = None) -> None:
         self.chat = chat
         self.cors_origins = cors_origins
+        self.max_body_bytes = max_body_bytes
+        self.host_filter = host_filter
         self.identify = identify
+        self.body = bytearray()
+        self.body_size = 0
+        self.rejected = False
         # Tornado calls set_default_headers before initialize: add the CORS headers now
         self.set_default_headers()
 
     async def prepare(self) -> None:
+        """Refuses a foreign Host, a too large body and (embedded) a cross-site write, then asks
+        the host who the caller is; subclasses call it first."""
+        if not self.host_filter.allows(self.request.headers.get("Host")):
+            return self.reject(ChatError("invalid_host", "This Host is not served."))
+        declared = self.request.headers.get("Content-Length")
+        length = declared_length(declared)
+        connection = self.request.connection
+        if length is not None and length > self.max_body_bytes:
+            if isinstance(connection, tornado.http1connection.HTTP1Connection):
+                # Tornado closes the connection once our 413 is written; with the declared
+                # length under its cap it does not add a "400 Bad Request" (and a log line) of
+                # its own: the unread body is dropped with the connection
+                connection.set_max_body_size(length)
+            return self.reject(self.too_large())
+        if isinstance(connection, tornado.http1connection.HTTP1Connection):
+            connection.set_max_body_size(self.max_body_bytes + BODY_CAP_SLACK)
         if self.identify is None:
             return
         if self.request.method in UNSAFE_METHODS and not self._origin_allowed():
-            return self.send_chat_error(ChatError("forbidden", "Requests from this origin are not allowed."))
+            return self.reject(ChatError("forbidden", "Requests from this origin are not allowed."))
         try:
             self.host_user = await host_user(self.identify, self.request)
         except ChatError as error:
+            self.reject(error)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.rejected:
+            return
+        self.body_size += len(chunk)
+        if self.body_size > self.max_body_bytes:
+            self.body.clear()
+            return self.reject(self.too_large())
+        if self.reads_body:
+            self.body += chunk
+
+    def too_large(self) -> ChatError:
+        return ChatError("too_large", f"The request body is larger than {self.max_body_bytes} bytes.")
+
+    def reject(self, error: ChatError) -> None:
+        """Answers ``error`` before the body is read; the handler method is then not run.
+
+        Tornado closes a connection answered before its request was read (it cannot know
+        where the next request starts); saying so spares a keep-alive client from sending
+        its next request into a closing connection.
+        """
+        self.rejected = True
+        if not self._finished:
+            self.set_header("Connection", "close")
             self.send_chat_error(error)
 
     def check_xsrf_cookie(self) -> None:
@@ -125,6 +213,7 @@ class ApiHandler(tornado.web.RequestHandler):
 
 
 class NotFoundHandler(ApiHandler):
-    def prepare(self) -> None:
-        if self.request.method != "OPTIONS":
-            self.send_chat_error(ChatError("not_found", "No such endpoint."))
+    async def prepare(self) -> None:
+        await super().prepare()
+        if not self._finished and self.request.method != "OPTIONS":
+            self.reject(ChatError("not_found", "No such endpoint."))

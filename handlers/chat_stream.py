@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import tornado.web
 
 from handlers.api_base import ApiHandler, as_chat_error
-from handlers.identity import Identify
 from handlers.sse import SSE_HEADERS, SseWriter
-from services.chat_service import ChatService
 from services.errors import ChatError
 from services.generation import Generation
 
@@ -18,12 +17,10 @@ class SseHandler(ApiHandler):
     """Shared by the chat and the resume endpoints: SSE response set-up and teardown."""
 
     def initialize(  # type: ignore[override]
-        self, chat: ChatService, cors_origins: tuple[str, ...], heartbeat_seconds: float, max_body_bytes: int,
-        identify: Identify | None = None,
+        self, heartbeat_seconds: float, **api: Any
     ) -> None:
-        super().initialize(chat, cors_origins, identify)
+        super().initialize(**api)
         self.heartbeat_seconds = heartbeat_seconds
-        self.max_body_bytes = max_body_bytes
         self.writer: SseWriter | None = None
         self.generation: Generation | None = None
         self.stream_counted = False  # in the open-connections gauge
@@ -49,6 +46,7 @@ class SseHandler(ApiHandler):
         self._uncount_stream()
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()  # ends a body still being read (stream_request_body)
         self._uncount_stream()
         if self.writer is not None:
             self.writer.connection_lost()
@@ -56,43 +54,40 @@ class SseHandler(ApiHandler):
             self.chat.detach(self.generation, self.writer)
 
 
-@tornado.web.stream_request_body
 class ChatStreamHandler(SseHandler):
     """POST /api/v2/ai/chat/stream"""
 
+    reads_body = True
+    #: a refusal decided in a synchronous step, sent by _send_refusal()
+    refusal: ChatError | None = None
+
     async def prepare(self) -> None:
-        self.body = bytearray()
-        self.rejected = False
-        await super().prepare()
-        if self._finished:
-            self.rejected = True
-            return
-        if self.request.method != "POST":
-            return
+        await super().prepare()  # Host, the body size (declared, then as it streams), identity
+        if self.refusal is not None or self._finished or self.request.method != "POST":
+            return await self._send_refusal()
         content_type = self.request.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
-            return await self._reject(ChatError("unsupported_media_type", "Content-Type must be application/json."))
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await self._reject(self._too_large())
-        # chunked bodies are counted as they arrive (data_received). Tornado's own limit stays
-        # the server-wide one: past it Tornado answers a bare 400, not our 413.
+            self.reject(ChatError("unsupported_media_type", "Content-Type must be application/json."))
+        await self._send_refusal()
 
-    async def data_received(self, chunk: bytes) -> None:
-        if self.rejected:
-            return
-        self.body += chunk
-        if len(self.body) > self.max_body_bytes:
-            await self._reject(self._too_large())
+    async def data_received(self, chunk: bytes) -> None:  # type: ignore[override]
+        super().data_received(chunk)  # counts the body; past max_body_bytes: reject()
+        await self._send_refusal()
 
-    def _too_large(self) -> ChatError:
-        return ChatError("too_large", f"The request body is larger than {self.max_body_bytes} bytes.")
-
-    async def _reject(self, error: ChatError) -> None:
-        # Tornado closes the connection after answering, since the rest of the body is unread
-        self.rejected = True
+    def reject(self, error: ChatError) -> None:
+        # answered by _send_refusal(), right after: the budget for the headers is async to read
+        # (the shared limiter in cluster mode)
         self.chat.metrics.refused(error.code)
-        await self.refuse(error)
+        self.rejected = True
+        if self.refusal is None:
+            self.refusal = error
+
+    async def _send_refusal(self) -> None:
+        error, self.refusal = self.refusal, None
+        if error is not None and not self._finished:
+            if error.rate is None:
+                error.rate = await self.chat.rate_status(self.caller())
+            super().reject(error)
 
     async def refuse(self, error: ChatError) -> None:
         # every chat response tells the caller's budget, even one refused before the service saw it
@@ -106,7 +101,7 @@ class ChatStreamHandler(SseHandler):
             return
         try:
             payload = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...]]]]
             payload = None
         if not isinstance(payload, dict):
             self.chat.metrics.refused("invalid_json")
@@ -137,7 +132,8 @@ class ResumeStreamHandler(SseHandler):
         after_seq = 0
         if last_event_id:  # the `id:` of the last frame received: <messageId>:<seq>
             event_message, _, seq = last_event_id.rpartition(":")
-            if event_message != message_id or not seq.isdigit():
+            # isdigit() alone passes "²", and int() refuses over 4,300 digits
+            if event_message != message_id or not (seq.isascii() and seq.isdigit() and len(seq) <= 18):
                 return self.send_chat_error(
                     ChatError("invalid_request", "Last-Event-ID is not an event id of this message.")
                 )

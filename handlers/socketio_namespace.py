@@ -113,10 +113,12 @@ class ChatNamespace(socketio.AsyncNamespace):
         self.identify = identify
         self.connections: dict[str, Connection] = {}
 
-    async def trigger_event(self, event: str, *args: Any) -> Any:
+    async def trigger_event(self, event: object, *args: Any) -> Any:
         # event names like `ai:chat` are not method names: route them to on_ai_chat
         # python-socketio routes a client's own `emit("disconnect")` / `emit("connect")` here too;
         # only the server's count: connect for a new sid, disconnect once the sid is leaving
+        if not isinstance(event, str):  # `42[123]`: not an event of ours (and no traceback)
+            return None
         if event == "connect" and args and args[0] in self.connections:
             return None
         if event == "disconnect" and args and self.server.manager.is_connected(args[0], self.namespace):

@@ -32,8 +32,18 @@ SSE_HEADERS = {
 }
 
 
+# Line separators that JSON leaves raw but some SSE/line splitters (JS `split(/\r?\n|\u2028/)`,
+# Python's str.splitlines) cut frames at: sent as \uXXXX escapes instead.
+_LINE_BREAKERS = ("\u2028", "\u2029", "\u0085")
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # three C-level scans of a short string: the replace only runs when one is present
+    if "\u2028" in text or "\u2029" in text or "\u0085" in text:
+        for char in _LINE_BREAKERS:
+            text = text.replace(char, f"\\u{ord(char):04x}")
+    return text
 
 
 def end_frame(session_id: str, message_id: str, seq: int, outcome: Outcome) -> bytes:

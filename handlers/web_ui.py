@@ -10,6 +10,9 @@ from typing import Any
 
 import tornado.web
 
+from handlers.api_base import refuse_foreign_host
+from services.host_filter import HostFilter
+
 # Only the page's own files: no inline script or style, no other origin. `connect-src 'self'`
 # covers fetch and the same-origin websocket of Socket.IO.
 CONTENT_SECURITY_POLICY = (
@@ -46,6 +49,14 @@ class WebFileHandler(tornado.web.StaticFileHandler):
     never leaves a browser with an old app.js against a new API.
     """
 
+    def initialize(self, path: str, default_filename: str | None = None,
+                   host_filter: HostFilter | None = None) -> None:
+        super().initialize(path, default_filename)
+        self.host_filter = host_filter
+
+    def prepare(self) -> None:
+        refuse_foreign_host(self, self.host_filter)
+
     def set_default_headers(self) -> None:
         self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -70,7 +81,8 @@ class WebFileHandler(tornado.web.StaticFileHandler):
         self.finish(json.dumps({"error": message, "code": code}))
 
 
-def web_ui_routes(prefix: str = "", root: Path | None = None) -> list[tuple[str, type, dict[str, Any]]]:
+def web_ui_routes(prefix: str = "", root: Path | None = None,
+                  host_filter: HostFilter | None = None) -> list[tuple[str, type, dict[str, Any]]]:
     """Routes of the page under ``prefix`` ("" or like "/chat"): the page at ``prefix + "/"``
     and its files at ``prefix + "/web/..."``.
 
@@ -83,8 +95,9 @@ def web_ui_routes(prefix: str = "", root: Path | None = None) -> list[tuple[str,
     folder = str(root if root is not None else web_root())
     escaped = re.escape(prefix)
     routes: list[tuple[str, type, dict[str, Any]]] = [
-        (escaped + r"/()", WebFileHandler, {"path": folder, "default_filename": "index.html"}),
-        (escaped + r"/web/(.+)", WebFileHandler, {"path": folder}),
+        (escaped + r"/()", WebFileHandler, {"path": folder, "default_filename": "index.html",
+                                            "host_filter": host_filter}),
+        (escaped + r"/web/(.+)", WebFileHandler, {"path": folder, "host_filter": host_filter}),
     ]
     if prefix:
         # `/chat` -> `/chat/`: the page's relative URLs need the trailing slash

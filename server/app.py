@@ -5,6 +5,7 @@ from __future__ import annotations
 import tornado.web
 
 from handlers.api_base import NotFoundHandler
+from server.access_log import log_request
 from server.embedding import ChatServer
 from server.socketio_server import MAX_FRAME_BYTES
 
@@ -17,4 +18,5 @@ def build_web_application(chat: ChatServer) -> tornado.web.Application:
         default_handler_args=chat.handler_args,
         websocket_max_message_size=MAX_FRAME_BYTES,
         compress_response=False,
+        log_function=log_request,  # no query strings in the access log
     )

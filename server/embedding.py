@@ -32,6 +32,7 @@ from server.settings import Settings, load_settings, with_environment
 from server.socketio_server import build_socketio
 from services.ai.base import ChatProvider
 from services.chat_service import ChatService
+from services.host_filter import HostFilter
 from services.metrics import ChatMetrics
 from services.store.base import ChatStore
 
@@ -55,7 +56,8 @@ class ChatServer:
     ``identify(request) -> user id | None`` (sync or async) lets the host's own login decide
     who the caller is on every chat route and on the Socket.IO handshake; None falls back to
     the JWT rules. ``store`` replaces the configured store (tests); ``environ`` replaces
-    ``os.environ`` (None = the process environment).
+    ``os.environ`` (None = the process environment); ``bound_host`` is the address the
+    serving HTTP server listens on, when known (for the `allowed_hosts` default).
     """
 
     def __init__(
@@ -65,23 +67,30 @@ class ChatServer:
         *,
         store: ChatStore | None = None,
         environ: Any = None,
+        bound_host: str = "",
     ) -> None:
         self.settings = resolve_settings(settings, environ)
         self.identify = identify
+        # DNS-rebinding guard: `allowed_hosts`, else loopback names only when the server is bound
+        # to loopback. Mounted in a host's app the address is the host's own: unknown ("") here,
+        # so any Host is served until `allowed_hosts` names them.
+        self.host_filter = HostFilter(self.settings.server.allowed_hosts, bound_host)
         #: this server's own Prometheus registry (server.metrics), never the process-wide one
         self.metrics: ChatMetrics = build_metrics(self.settings)
         self.provider: ChatProvider = build_provider(self.settings, self.metrics)
         self.store: ChatStore = store if store is not None else build_store(self.settings)
         self.chat: ChatService = build_chat_service(self.settings, self.provider, self.store, self.metrics)
         self.sio: socketio.AsyncServer
-        self.sio, self._socketio_handler = build_socketio(self.settings, self.chat, identify)
+        self.sio, self._socketio_handler = build_socketio(self.settings, self.chat, self.host_filter, identify)
         self._started = False
         self._stopped = False
 
     @property
     def handler_args(self) -> dict[str, Any]:
         """What every chat handler is given (also for a standalone app's JSON 404)."""
-        return {"chat": self.chat, "cors_origins": self.settings.server.cors_origins, "identify": self.identify}
+        server = self.settings.server
+        return {"chat": self.chat, "cors_origins": server.cors_origins, "identify": self.identify,
+                "max_body_bytes": server.max_body_bytes, "host_filter": self.host_filter}
 
     def routes(self, prefix: str = "") -> list[Route]:
         """Every chat route, the Socket.IO handler and (web_ui) the chat page under ``prefix``
@@ -92,7 +101,7 @@ class ChatServer:
         base = re.escape(prefix)
         api = self.handler_args
         server = self.settings.server
-        stream = {**api, "heartbeat_seconds": server.heartbeat_seconds, "max_body_bytes": server.max_body_bytes}
+        stream = {**api, "heartbeat_seconds": server.heartbeat_seconds}
         routes: list[Route] = [
             (base + r"/api/v2/ai/chat/stream", ChatStreamHandler, stream),
             (base + r"/api/v2/ai/chat/stream/" + SESSION_ID, ResumeStreamHandler, stream),
@@ -104,9 +113,10 @@ class ChatServer:
             (base + r"/socket.io/", self._socketio_handler),
         ]
         if self.metrics.enabled:
-            routes.append((base + r"/metrics", MetricsHandler, {"registry": self.metrics.registry}))
+            routes.append((base + r"/metrics", MetricsHandler,
+                           {"registry": self.metrics.registry, "host_filter": self.host_filter}))
         if server.web_ui:
-            routes += web_ui_routes(prefix)
+            routes += web_ui_routes(prefix, host_filter=self.host_filter)
         return routes
 
     async def start(self) -> None:

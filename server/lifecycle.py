@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import tornado.httpserver
 import tornado.netutil
 
+from server.access_log import quiet_upstream_client_loggers
 from server.app import build_web_application
 from server.embedding import ChatServer
+from server.listener import LimitedHTTPServer
 from server.settings import Settings
 from server.socketio_server import MAX_FRAME_BYTES
 from services.store.base import ChatStore
@@ -53,13 +55,16 @@ class RunningServer:
 
 async def start_server(settings: Settings, store: ChatStore | None = None) -> RunningServer:
     """``settings`` are final (the environment already merged): the ChatServer adds nothing."""
-    app = ChatServer(settings, store=store, environ={})
+    quiet_upstream_client_loggers()
+    app = ChatServer(settings, store=store, environ={}, bound_host=settings.server.host)
     await app.start()
-    http = tornado.httpserver.HTTPServer(
+    http = LimitedHTTPServer(
         build_web_application(app),
+        max_connections=settings.server.max_connections,
         xheaders=settings.server.trust_proxy_headers,
-        # the chat endpoint enforces max_body_bytes itself (413); this caps the rest
-        max_body_size=max(settings.server.max_body_bytes, MAX_FRAME_BYTES) + 65536,
+        # sized for /socket.io/ (2 MB frames); every API route lowers it to max_body_bytes
+        # for its own requests (ApiHandler.prepare), and answers 413
+        max_body_size=MAX_FRAME_BYTES + 65536,
         # reap connections that sit idle between requests, or trickle a request body
         idle_connection_timeout=settings.server.idle_connection_timeout_seconds,
         body_timeout=settings.server.body_timeout_seconds,

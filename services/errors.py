@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 HTTP_STATUS = {
     "invalid_json": 400,
     "invalid_request": 400,
+    "invalid_host": 400,
     "invalid_token": 401,
     "forbidden": 403,
     "not_found": 404,

@@ -225,6 +225,25 @@ async def test_identify_may_be_async_and_settings_may_be_a_path(tmp_path: Path, 
         await chat.stop(0)
 
 
+async def test_host_names_when_embedded(tmp_path: Path, upstream: FakeUpstream):
+    """Mounted in a host's app the listen address is the host's: any Host is served (the
+    default host = 127.0.0.1 is run.py's bind address), until allowed_hosts names them."""
+    for allowed, expected in (("", 200), ("chat.example.com", 400)):
+        settings = make_settings(tmp_path, upstream, server__allowed_hosts=allowed)
+        chat = ChatServer(settings, environ={})
+        await chat.start()
+        host = Host(tornado.web.Application(chat.routes("/chat")))
+        try:
+            async with aiohttp.ClientSession() as client:
+                async with client.get(host.base + "/chat/healthz", headers={"Host": "www.example.org"}) as r:
+                    assert r.status == expected
+                async with client.get(host.base + "/chat/healthz", headers={"Host": "chat.example.com"}) as r:
+                    assert r.status == 200
+        finally:
+            host.http.stop()
+            await chat.stop(0)
+
+
 def test_settings_object_gets_the_environment_too(tmp_path: Path):
     settings = load_settings(None, environ={})
     chat = ChatServer(settings, environ={"AICHAT_RATE_LIMIT_ANONYMOUS_LIMIT": "4", "PORT": "7123"})

@@ -372,7 +372,7 @@ async def test_sse_client_that_never_reads_is_dropped_and_the_answer_still_store
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", server.port))
     body = json.dumps({"message": "flood", "sessionId": "never-reads"}).encode()
-    await loop.sock_sendall(sock, b"POST /api/v2/ai/chat/stream HTTP/1.1\r\nHost: x\r\n"
+    await loop.sock_sendall(sock, b"POST /api/v2/ai/chat/stream HTTP/1.1\r\nHost: localhost\r\n"
                                   b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     try:
         await wait_until(lambda: upstream.requests, timeout=10)
@@ -461,7 +461,7 @@ async def test_idle_keep_alive_connection_is_closed(make_server):
     server = await make_server(server__idle_connection_timeout_seconds=0.5)
     sock = await raw_connection(server)
     try:
-        await asyncio.get_running_loop().sock_sendall(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.get_running_loop().sock_sendall(sock, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         received = await recv_until_closed(sock, timeout=5)
         assert received.startswith(b"HTTP/1.1 200") and b'{"status":"ok"}' in received
     finally:
@@ -473,7 +473,7 @@ async def test_trickled_request_body_is_cut_off(make_server, upstream):
     sock = await raw_connection(server)
     try:
         await asyncio.get_running_loop().sock_sendall(
-            sock, b"POST /api/v2/ai/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock, b"POST /api/v2/ai/chat/stream HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"message\":")
         received = await recv_until_closed(sock, timeout=5)
         assert b"text/event-stream" not in received
