@@ -43,6 +43,7 @@ run: $(STAMP)
 
 test: $(STAMP) $(JS_STAMP) dist/aichat
 	bash scripts/setup_mongoeco.sh
+	bash scripts/setup_redis.sh
 	bash scripts/setup_chromium.sh
 	$(BIN)/python -m pytest
 

@@ -4,12 +4,15 @@
     python -m bench.run --full           # the full table and the target checks (< ~15 min)
     python -m bench.run --full --quick   # the same scenarios, fewer requests (a few minutes)
     python -m bench.run --profile        # py-spy profile of the product under 50-stream bursty load
+    python -m bench.run --full --only cluster   # cluster mode (one node + Redis) vs single process
 
 Processes: the fake upstream (bench.upstream), the product (`python run.py`, auth on,
 SQLite in a temp dir, rate limits out of the way), the bare relay (bench.relay), and one
 load generator process per measurement (bench.loadgen). Servers are pinned to core 0;
 upstream, load generators and this orchestrator to core 1 (when the machine has 2+ cores).
-Every product figure is reported with its ratio to the bare relay's.
+Every product figure is reported with its ratio to the bare relay's. The `cluster` part runs
+the product twice, side by side: single process, and in cluster mode on a local redis-server
+(pinned with the clients), and counts the Redis commands the cluster node sends.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +165,8 @@ def _clean_env() -> dict[str, str]:
 
 
 def start_product(workdir: Path, upstream_url: str, command: list[str] | None = None,
-                  start_timeout: float = 30) -> Server:
+                  start_timeout: float = 30, extra_env: dict[str, str] | None = None,
+                  name: str = "product") -> Server:
     """The product: `python run.py`, or ``command`` + its arguments (e.g. under a profiler)."""
     port = free_port()
     env = _clean_env()
@@ -173,15 +178,56 @@ def start_product(workdir: Path, upstream_url: str, command: list[str] | None = 
         "AICHAT_RATE_LIMIT_AUTHENTICATED_LIMIT": str(RATE_LIMIT),
         "AICHAT_AUTH_JWT_SECRET": JWT_SECRET,
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     })
-    log_path = workdir / "product.log"
+    log_path = workdir / f"{name}.log"
     proc = subprocess.Popen([*(command or [PYTHON, "run.py"]), "--host", "127.0.0.1", "--port", str(port)],
                             cwd=PRODUCT_ROOT[0], env=env,
                             stdin=subprocess.DEVNULL, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             preexec_fn=_child_setup(SERVER_CORE))
-    server = Server("product", proc, port, log_path)
+    server = Server(name, proc, port, log_path)
     server.wait_healthy("/healthz", start_timeout)
     return server
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """A redis-server without persistence, on the clients' core (`bash scripts/setup_redis.sh`)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("the cluster part needs redis-server: run `bash scripts/setup_redis.sh` as root")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdin=subprocess.DEVNULL,
+                            stdout=(workdir / "redis.log").open("w"), stderr=subprocess.STDOUT,
+                            preexec_fn=_child_setup(CLIENT_CORE))
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while redis_commands(url) is None:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("redis-server did not start; see " + str(workdir / "redis.log"))
+        time.sleep(0.05)
+    return proc, url
+
+
+#: the commands a node sends itself (the GET, SET, ZADD... inside its scripts are not round trips)
+NODE_COMMANDS = ("evalsha", "eval", "publish", "mget", "ping", "hello", "select", "subscribe")
+
+
+def redis_commands(url: str) -> int | None:
+    """How many commands nodes have sent the Redis (None: it does not answer).
+
+    From INFO commandstats, which also counts the commands a script runs: only the kinds a
+    node sends directly are summed (the bench's loads never send a plain GET).
+    """
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=2) as client:
+            stats = client.info("commandstats")
+    except (redis.RedisError, OSError):
+        return None
+    return sum(int(value["calls"]) for name, value in stats.items()
+               if name.removeprefix("cmdstat_").split("|")[0] in NODE_COMMANDS + ("client", "script"))
 
 
 def start_relay(workdir: Path, upstream_url: str, command: list[str] | None = None,
@@ -257,7 +303,9 @@ class Scenario:
 
 
 def measure_streams(server: Server, scenario: Scenario, workdir: Path, token: str | None,
-                    deadline: float, profiler: Profiler | None = None) -> dict[str, Any]:
+                    deadline: float, profiler: Profiler | None = None,
+                    counter: Callable[[], int | None] | None = None) -> dict[str, Any]:
+    """``counter``: read before and after the measured load (e.g. Redis commands), reported as its delta."""
     config = {"mode": "streams", "url": server.url, "transport": scenario.transport,
               "concurrency": scenario.concurrency, "requests": scenario.requests, "chunks": scenario.chunks,
               "gap_ms": scenario.gap_ms, "token": token, "deadline": deadline}
@@ -271,11 +319,15 @@ def measure_streams(server: Server, scenario: Scenario, workdir: Path, token: st
         sampler = PeakRss(server)
         if profiler is not None:
             profiler.start(server, f"{server.name}-{scenario.transport}-{scenario.key}")
+        counted = counter() if counter is not None else None
         began = time.perf_counter()
         proc.stdin.write("GO\n")
         proc.stdin.flush()
         result = json.loads(lines.expect("RESULT", deadline + 60))
         elapsed = time.perf_counter() - began
+        if counted is not None and counter is not None:
+            after = counter()
+            counted = None if after is None else after - counted
         if profiler is not None:
             profiler.stop()
         cpu = server.cpu_seconds() - cpu_before
@@ -300,6 +352,7 @@ def measure_streams(server: Server, scenario: Scenario, workdir: Path, token: st
         "frames_per_answer": result["frames"] / result["completed"] if result["completed"] else None,
         # load generator + upstream: near 100% means the client core, not the server, set the pace
         "client_core_pct": 100 * client_cpu / elapsed if elapsed > 0 else None,
+        "counted": counted,
     }
 
 
@@ -532,6 +585,44 @@ def check_targets(streams: dict[tuple[str, str], tuple[dict, dict]], idle: list[
     return checks
 
 
+def cluster_table(rows: list[tuple[Scenario, dict, dict]]) -> str:
+    lines = ["| transport | load | chunks/s cluster (single) | CPU ms/answer cluster (single) | "
+             "TTFC p99 ms cluster (single) | Redis commands/answer | Redis commands/chunk |",
+             "|---|---|---|---|---|---|---|"]
+    for scenario, cluster, single in rows:
+        counted, answers, chunks = cluster["counted"], cluster["completed"], cluster["chunks"]
+        per_answer = counted / answers if counted is not None and answers else None
+        per_chunk = counted / chunks if counted is not None and chunks else None
+        lines.append(
+            f"| {scenario.transport} | {scenario.label} "
+            f"| {cluster['chunks_per_s']:,.0f} ({single['chunks_per_s']:,.0f})"
+            f" | {_num(cluster['cpu_ms_per_request'], 2)} ({_num(single['cpu_ms_per_request'], 2)})"
+            f" | {_num(cluster['ttfc_p99_ms'], 1)} ({_num(single['ttfc_p99_ms'], 1)})"
+            f" | {_num(per_answer, 2)} | {_num(per_chunk, 3)} |")
+    return "\n".join(lines)
+
+
+def cluster_targets(rows: list[tuple[Scenario, dict, dict]], paced: str) -> list[tuple[str, bool, str]]:
+    checks: list[tuple[str, bool, str]] = []
+    for scenario, cluster, single in rows:
+        if scenario.key == paced:
+            ratio = cluster["chunks_per_s"] / max(single["chunks_per_s"], 1e-9)
+            checks.append((f"{scenario.transport}: cluster throughput at {paced} within 10% of single process",
+                           ratio >= 0.9, f"{ratio:.3f}x ({cluster['chunks_per_s']:,.0f} vs "
+                                         f"{single['chunks_per_s']:,.0f} chunks/s)"))
+        extra = (cluster["cpu_ms_per_request"] or 0) - (single["cpu_ms_per_request"] or 0)
+        checks.append((f"{scenario.transport}: cluster CPU per answer <= single + 0.5 ms ({scenario.key})",
+                       extra <= 0.5, f"{extra:+.2f} ms ({_num(cluster['cpu_ms_per_request'], 2)} vs "
+                                     f"{_num(single['cpu_ms_per_request'], 2)})"))
+        if cluster["counted"] is not None and cluster["completed"]:
+            # 3 per answer; the node's lock renewal (one call per lock_ttl/3) comes on top
+            per_answer = cluster["counted"] / cluster["completed"]
+            checks.append((f"{scenario.transport}: Redis commands per answer <= 3, none per token ({scenario.key})",
+                           per_answer <= 3.2, f"{per_answer:.2f} per answer, {cluster['counted']} for "
+                                              f"{cluster['completed']} answers / {cluster['chunks']} chunks"))
+    return checks
+
+
 # --- plans -------------------------------------------------------------------------------------
 
 
@@ -541,6 +632,7 @@ def plan(mode: str, quick: bool) -> dict[str, Any]:
             "streams": [("bursty-1", 1, 3, 10, 0), ("bursty-5", 5, 2, 10, 0), ("paced-5", 5, 1, 5, 5)],
             "idle": [20], "idle_processes": 1, "rounds": 2, "round_load": [("round", 5, 1, 10, 0)],
             "keys": {"bursty_one": "bursty-1", "bursty_mid": "bursty-5", "paced_high": "paced-5"},
+            "cluster": [("bursty-5", 5, 2, 10, 0), ("paced-5", 5, 1, 5, 5)], "cluster_paced": "paced-5",
             "deadline": 20,
         }
     scale = 0.4 if quick else 1.0
@@ -558,6 +650,8 @@ def plan(mode: str, quick: bool) -> dict[str, Any]:
         "rounds": 20, "round_load": [("round", 50, r(5), 100, 0)],
         "keys": {"bursty_one": "bursty-1", "bursty_mid": "bursty-50", "paced_high": "paced-200",
                  "one_chunk": "1chunk-50"},
+        "cluster": [("bursty-50", 50, r(20), 100, 0), ("paced-200", 200, r(3), 100, 20)],
+        "cluster_paced": "paced-200",
         "deadline": 180,
     }
 
@@ -584,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--profile", action="store_true", help="py-spy profile of the product (50 bursty streams)")
     parser.add_argument("--quick", action="store_true", help="with --full: fewer requests per scenario")
     parser.add_argument("--profile-chunks", type=int, default=100, help="with --profile: chunks per answer")
-    parser.add_argument("--only", default="", help="comma list of parts: streams,idle,rounds (default all)")
+    parser.add_argument("--only", default="", help="comma list of parts: streams,idle,rounds,cluster (default all)")
     parser.add_argument("--scenarios", default="", help="comma list of stream scenarios, e.g. bursty-1,bursty-50")
     parser.add_argument("--transports", default="sse,socketio")
     parser.add_argument("--product-root", type=Path, default=ROOT,
@@ -600,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     PRODUCT_ROOT[0] = args.product_root.resolve()
     started = time.monotonic()
     pinned = pin_to(CLIENT_CORE)
-    parts = set(filter(None, args.only.split(","))) or {"streams", "idle", "rounds"}
+    parts = set(filter(None, args.only.split(","))) or {"streams", "idle", "rounds", "cluster"}
     transports = [t for t in args.transports.split(",") if t]
     settings = plan("full" if mode == "profile" else mode, args.quick)
     token = hs256_token()
@@ -612,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="aichat-bench-"))
     upstream_proc, upstream_url = start_upstream(workdir)
     servers: list[Server] = []
+    redis_holder: list[subprocess.Popen] = []
     report: dict[str, Any] = {"mode": mode, "quick": args.quick, "machine": machine_line(),
                               "date": dt.datetime.now().isoformat(timespec="seconds")}
     harness_ok = True
@@ -668,6 +763,31 @@ def main(argv: list[str] | None = None) -> int:
                       "relay": measure_rounds(relay, settings["rounds"], round_scenarios, workdir, None, deadline)}
             report["rounds"] = rounds
 
+        cluster_rows: list[tuple[Scenario, dict, dict]] = []
+        if "cluster" in parts:
+            for server in servers:
+                server.stop()
+            redis_proc, redis_url = start_redis(workdir)
+            redis_holder.append(redis_proc)
+            cluster_env = {"AICHAT_CLUSTER_REDIS_URL": redis_url, "AICHAT_CLUSTER_NODE_ID": "bench-node"}
+            servers[:] = [start_product(workdir, upstream_url),
+                          start_product(workdir, upstream_url, cluster_env, name="cluster")]
+            single, cluster = servers
+            for key, concurrency, requests, chunks, gap in settings["cluster"]:
+                for transport in transports:
+                    scenario = Scenario(key, transport, concurrency, requests, chunks, gap)
+                    single_result = measure_streams(single, scenario, workdir, token, deadline)
+                    cluster_result = measure_streams(cluster, scenario, workdir, token, deadline,
+                                                     counter=lambda: redis_commands(redis_url))
+                    cluster_rows.append((scenario, cluster_result, single_result))
+                    print(f"{transport:8} {scenario.label:16} cluster {cluster_result['chunks_per_s']:9,.0f} chunks/s "
+                          f"{_num(cluster_result['cpu_ms_per_request'], 2)} ms/answer | single "
+                          f"{single_result['chunks_per_s']:9,.0f} chunks/s "
+                          f"{_num(single_result['cpu_ms_per_request'], 2)} ms/answer | redis commands "
+                          f"{cluster_result['counted']} for {cluster_result['completed']} answers, "
+                          f"{cluster_result['chunks']} chunks", flush=True)
+            report["cluster"] = [{"cluster": c, "single": s} for _, c, s in cluster_rows]
+
         idle_rows: list[tuple[dict, dict]] = []
         if "idle" in parts:
             # on fresh servers: memory freed by the stream loads would hide what connections cost
@@ -692,12 +812,16 @@ def main(argv: list[str] | None = None) -> int:
         if idle_rows:
             print("## Idle Socket.IO connections\n")
             print(idle_table(idle_rows) + "\n")
+        if cluster_rows:
+            print("## Cluster mode (one node + Redis) vs single process\n")
+            print(cluster_table(cluster_rows) + "\n")
         if rounds:
             print(f"## Memory over {settings['rounds']} rounds of "
                   f"{' + '.join(f'{s.transport} c={s.concurrency}x{s.requests}' for s in round_scenarios)}\n")
             print(rounds_table(rounds["product"], rounds["relay"]) + "\n")
 
         checks = check_targets(streams, idle_rows, rounds, settings["keys"])
+        checks += cluster_targets(cluster_rows, settings["cluster_paced"])
         report["targets"] = [{"target": t, "pass": ok, "measured": m} for t, ok, m in checks]
         print("## Targets" + (" (smoke: informative only, loads are tiny)" if mode == "smoke" else "") + "\n")
         for target, ok, measured in checks:
@@ -707,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         failures = sum(p["failures"] + r["failures"] for _, p, r in stream_rows)
         failures += sum(p["failures"] + r["failures"] for p, r in idle_rows)
         failures += sum(rounds[s]["failures"] for s in ("product", "relay")) if rounds else 0
+        failures += sum(c["failures"] + s["failures"] for _, c, s in cluster_rows)
         harness_ok = failures == 0 and (not stream_rows or all(p["chunks"] and r["chunks"]
                                                                for _, p, r in stream_rows))
         print(f"\nharness: {'OK' if harness_ok else 'FAILED'} ({failures} failed requests/connections); "
@@ -714,6 +839,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers:
             server.stop()
+        for proc in redis_holder:
+            proc.terminate()
+            _finish(proc)
         upstream_proc.stdin.close()  # the upstream exits at EOF
         _finish(upstream_proc)
         out = args.json or ROOT / "bench" / "results" / f"{mode}{'-quick' if args.quick else ''}.json"

@@ -58,24 +58,43 @@ class ChatStreamHandler(SseHandler):
     """POST /api/v2/ai/chat/stream"""
 
     reads_body = True
+    #: a refusal decided in a synchronous step, sent by _send_refusal()
+    refusal: ChatError | None = None
 
     async def prepare(self) -> None:
         await super().prepare()  # Host, the body size (declared, then as it streams), identity
-        if self._finished or self.request.method != "POST":
-            return
+        if self.refusal is not None or self._finished or self.request.method != "POST":
+            return await self._send_refusal()
         content_type = self.request.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
-            return self.reject(ChatError("unsupported_media_type", "Content-Type must be application/json."))
+            self.reject(ChatError("unsupported_media_type", "Content-Type must be application/json."))
+        await self._send_refusal()
+
+    async def data_received(self, chunk: bytes) -> None:  # type: ignore[override]
+        super().data_received(chunk)  # counts the body; past max_body_bytes: reject()
+        await self._send_refusal()
 
     def reject(self, error: ChatError) -> None:
+        # answered by _send_refusal(), right after: the budget for the headers is async to read
+        # (the shared limiter in cluster mode)
         self.chat.metrics.refused(error.code)
-        super().reject(error)
+        self.rejected = True
+        if self.refusal is None:
+            self.refusal = error
 
-    def send_chat_error(self, error: ChatError) -> None:
+    async def _send_refusal(self) -> None:
+        error, self.refusal = self.refusal, None
+        if error is not None and not self._finished:
+            if error.rate is None:
+                error.rate = await self.chat.rate_status(self.caller())
+            super().reject(error)
+
+    async def refuse(self, error: ChatError) -> None:
         # every chat response tells the caller's budget, even one refused before the service saw it
         if error.rate is None:
-            error.rate = self.chat.rate_status(self.caller())
-        super().send_chat_error(error)
+            error.rate = await self.chat.rate_status(self.caller())
+        if not self._finished:
+            self.send_chat_error(error)
 
     async def post(self) -> None:
         if self.rejected or self._finished:
@@ -86,14 +105,14 @@ class ChatStreamHandler(SseHandler):
             payload = None
         if not isinstance(payload, dict):
             self.chat.metrics.refused("invalid_json")
-            return self.send_chat_error(ChatError("invalid_json", "The body must be a JSON object."))
+            return await self.refuse(ChatError("invalid_json", "The body must be a JSON object."))
         self.writer = SseWriter(self, self.heartbeat_seconds)
         try:
             started = await self.chat.start_chat(payload, self.caller(), self.writer)
         except Exception as exc:
             self.writer.connection_lost()
             self.writer = None
-            return self.send_chat_error(as_chat_error(exc))
+            return await self.refuse(as_chat_error(exc))
         self.generation = started.generation
         if self.writer.closed.done():  # the client left while the chat was being set up
             self.chat.detach(started.generation, self.writer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.settings import Settings
 from services.ai.base import ChatProvider
@@ -11,10 +12,13 @@ from services.ai.openai_provider import OpenAIProvider
 from services.auth import TokenVerifier
 from services.chat_service import ChatPolicy, ChatService
 from services.metrics import ChatMetrics
-from services.rate_limiter import RateLimiter
+from services.rate_limiter import Limiter, RateLimiter
 from services.store.base import ChatStore
 from services.store.instrumented import InstrumentedStore
 from services.store.sqlite_store import SqliteStore
+
+if TYPE_CHECKING:
+    from services.cluster.coordinator import ClusterCoordinator
 
 
 def build_metrics(settings: Settings) -> ChatMetrics:
@@ -60,17 +64,39 @@ def build_verifier(settings: Settings) -> TokenVerifier:
     )
 
 
+def build_cluster(settings: Settings, store: ChatStore) -> tuple[ClusterCoordinator, Limiter]:
+    """Cluster mode: this node's coordinator and the shared limiter, on one Redis connection pool."""
+    # redis is imported only in cluster mode
+    from services.cluster.coordinator import ClusterCoordinator
+    from services.cluster.rate_limit import RedisRateLimiter
+    from services.cluster.redis_client import Keys, connect
+
+    cluster = settings.cluster
+    redis = connect(cluster.redis_url)
+    keys = Keys(cluster.key_prefix)
+    limiter = RedisRateLimiter(redis, keys, settings.rate_limit.window_seconds)
+    coordinator = ClusterCoordinator(redis, keys, cluster.node_id, cluster.lock_ttl_seconds, store, limiter)
+    return coordinator, limiter
+
+
 def build_chat_service(
     settings: Settings, provider: ChatProvider, store: ChatStore, metrics: ChatMetrics | None = None
 ) -> ChatService:
     if metrics is not None and metrics.enabled:
         store = InstrumentedStore(store, metrics)  # the service's calls are timed; open/close stay direct
+    cluster: ClusterCoordinator | None = None
+    limiter: Limiter
+    if settings.cluster.enabled:
+        cluster, limiter = build_cluster(settings, store)
+    else:
+        limiter = RateLimiter(settings.rate_limit.window_seconds)
     return ChatService(
         provider=provider,
         store=store,
         metrics=metrics,
         verifier=build_verifier(settings),
-        limiter=RateLimiter(settings.rate_limit.window_seconds),
+        limiter=limiter,
+        cluster=cluster,
         policy=ChatPolicy(
             system_prompt=settings.ai.system_prompt,
             max_history_messages=settings.ai.max_history_messages,

@@ -120,10 +120,12 @@ class ChatServer:
         return routes
 
     async def start(self) -> None:
-        """Open the store; call before serving."""
+        """Open the store (and, in cluster mode, join the cluster); call before serving."""
         if not self._started:
             await self.store.open()
             self._started = True
+            if self.chat.cluster is not None:
+                await self.chat.cluster.start()
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Refuse new chats, give answers in flight ``grace_seconds`` (default: the
@@ -147,6 +149,8 @@ class ChatServer:
             return
         self._stopped = True
         try:
+            if self.chat.cluster is not None and self._started:
+                await self.chat.cluster.close()
             await self.provider.close()
         finally:
             if self._started:
@@ -162,4 +166,7 @@ class ChatServer:
             ai = "AI provider demo (demo mode: no model configured; set OPENAI_API_KEY or OPENAI_BASE_URL)"
         else:
             ai = f"AI provider openai, model {provider.model} at {getattr(provider, 'endpoint', '')}"
-        return f"{ai} | store {self.store.description}"
+        cluster = self.settings.cluster
+        # never the Redis URL: it may hold a password
+        mode = f" | cluster node {cluster.node_id!r}, keys {cluster.key_prefix}:*" if cluster.enabled else ""
+        return f"{ai} | store {self.store.description}{mode}"

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from services.ai.base import ChatProvider, UsageReport
 from services.auth import TokenVerifier
@@ -23,12 +23,14 @@ from services.errors import ChatError, UpstreamError
 from services.generation import MAX_ANSWER_CHARS, Generation, GenerationListener, Outcome
 from services.log_context import ANSWER_IDS
 from services.metrics import ChatMetrics
-from services.rate_limiter import USER_KEY_PREFIX, RateLimiter, RateStatus, address_key
+from services.rate_limiter import USER_KEY_PREFIX, Limiter, RateStatus, address_key
 from services.store.base import (
     STATUS_COMPLETE,
     STATUS_ERROR,
     STATUS_PARTIAL,
     ChatStore,
+    Fence,
+    FencedOut,
     FinishedMessage,
     NewTurn,
     OwnershipConflict,
@@ -37,6 +39,10 @@ from services.store.base import (
     StoreError,
 )
 from services.store.health import StoreHealth
+
+if TYPE_CHECKING:
+    from services.cluster.coordinator import ClusterCoordinator
+    from services.cluster.locks import HeldLock
 
 log = logging.getLogger("aichat.chat")
 T = TypeVar("T")
@@ -97,11 +103,13 @@ class ChatService:
         provider: ChatProvider,
         store: ChatStore,
         verifier: TokenVerifier,
-        limiter: RateLimiter,
+        limiter: Limiter,
         policy: ChatPolicy,
         store_health: StoreHealth | None = None,
         metrics: ChatMetrics | None = None,
+        cluster: ClusterCoordinator | None = None,
     ) -> None:
+        """``cluster``: cluster mode (the limiter is then the shared Redis one)."""
         self.provider = provider
         self.metrics = metrics if metrics is not None else ChatMetrics(enabled=False)
         self.store = store
@@ -114,6 +122,9 @@ class ChatService:
         self._grace_cut = asyncio.Event()
         self._by_session: dict[str, Generation] = {}
         self._by_message: dict[str, Generation] = {}
+        self.cluster = cluster
+        if cluster is not None:
+            cluster.bind(self._by_session, self._by_message)
 
     # --- identity -------------------------------------------------------------------
 
@@ -125,13 +136,23 @@ class ChatService:
             return self.verifier.user_from_authorization(caller.authorization)
         return self.verifier.user_id(caller.handshake_token if caller.token is NO_TOKEN else caller.token)
 
-    def rate_status(self, caller: Caller) -> RateStatus:
-        """The caller's chat budget, without using any (a bad token counts as its address)."""
+    async def rate_status(self, caller: Caller) -> RateStatus | None:
+        """The caller's chat budget, without using any (a bad token counts as its address).
+
+        None when it cannot be known (cluster mode with Redis away).
+        """
         try:
             user = self.identify(caller)
         except ChatError:
             user = None
-        return self.limiter.peek(*self._rate_key(user, caller))
+        return await self._peek(*self._rate_key(user, caller))
+
+    async def _peek(self, key: str, limit: int) -> RateStatus | None:
+        try:
+            return await self.limiter.peek(key, limit)
+        except Exception as exc:  # the shared limiter's Redis is away: answer without the headers
+            log.debug("rate limit unknown: %s", exc)
+            return None
 
     def _rate_key(self, user: str | None, caller: Caller) -> tuple[str, int]:
         if user is not None:
@@ -155,9 +176,11 @@ class ChatService:
         try:
             user = self.identify(caller)
         except ChatError as error:
-            error.rate = self.rate_status(caller)
+            error.rate = await self.rate_status(caller)
             raise
         rate_key, limit = self._rate_key(user, caller)
+        held: HeldLock | None = None
+        message_id = new_id()
         try:
             request = parse_chat_message(payload, self.policy.max_message_chars)
             if not self.accepting:
@@ -175,17 +198,28 @@ class ChatService:
                 self._check_not_running(request.session_id, user)  # another request may have won the race
                 if not self.accepting:  # shutdown began meanwhile
                     raise ChatError("unavailable", "The server is shutting down; please retry shortly.")
-            rate = self.limiter.acquire(rate_key, limit)
+            owner = context.owner if context is not None else user
+            if self.cluster is not None:
+                # busy across nodes: the one lock in Redis decides, whichever node asks; the
+                # same call uses the budget (rate_limited raised there)
+                held = await self.cluster.claim(request.session_id, message_id, owner, user, rate_key, limit)
+                self._check_not_running(request.session_id, user)
+                assert held.rate is not None
+                rate = held.rate
+            else:
+                rate = await self._acquire(rate_key, limit)
             if not rate.allowed:
                 raise ChatError("rate_limited", "Too many messages; please wait before sending more.",
                                 retry_after=rate.retry_after)
         except ChatError as error:
+            if held is not None:
+                await self.cluster.release(held)  # type: ignore[union-attr]
             if error.rate is None:
-                error.rate = self.limiter.peek(rate_key, limit)
+                error.rate = await self._peek(rate_key, limit)
             raise
 
         owner = user  # an existing session's owner is the caller's (checked above)
-        generation = Generation(request.session_id, new_id(), owner, time.monotonic())
+        generation = Generation(request.session_id, message_id, owner, time.monotonic())
         self._by_session[generation.session_id] = generation
         self._by_message[generation.message_id] = generation
         self.metrics.answer_started()
@@ -202,13 +236,26 @@ class ChatService:
             assistant_message_id=generation.message_id,
             model=self.provider.model,
             created_at=datetime.now(UTC),
+            fence=held.fence if held is not None else None,
         )
-        generation.task = asyncio.create_task(self._generate(generation, turn, messages, caller.transport))
+        generation.task = asyncio.create_task(self._generate(generation, turn, messages, caller.transport, held))
         return StartedChat(generation, rate)
+
+    async def _acquire(self, key: str, limit: int) -> RateStatus:
+        try:
+            return await self.limiter.acquire(key, limit)
+        except ChatError:
+            raise
+        except Exception as exc:  # the shared limiter's Redis is away
+            log.error("rate limit unavailable: %s", exc)
+            raise ChatError("unavailable", "The service is temporarily unavailable; please retry shortly.") from None
 
     def detach(self, generation: Generation, listener: GenerationListener) -> None:
         """A client stopped listening (went away); apply `on_client_disconnect`."""
-        if generation.detach(listener) == 0 and self.policy.on_client_disconnect == "cancel":
+        left = generation.detach(listener)
+        if self.cluster is not None and self.cluster.detached(generation):
+            return  # a follower of another node's answer: never cancels it
+        if left == 0 and self.policy.on_client_disconnect == "cancel":
             generation.cancel("disconnect")
 
     async def cancel(self, session_id: object, caller: Caller) -> Generation:
@@ -216,6 +263,10 @@ class ChatService:
         user = self.identify(caller)
         session_id = check_session_id(session_id)
         generation = self._by_session.get(session_id)
+        if generation is None and self.cluster is not None:
+            holder = await self.cluster.stop_remote(session_id, user)  # generated by another node?
+            if holder is not None:
+                return Generation(holder.session_id, holder.message_id, holder.owner, 0.0)
         if generation is None or not self._may_access(generation.owner, user):
             raise ChatError("not_found", "No answer is being generated for this session.")
         generation.cancel("user")
@@ -236,6 +287,11 @@ class ChatService:
                 raise ChatError("not_found", "No such message.")
             generation.attach(listener, after_seq)
             return generation
+        if self.cluster is not None:
+            mirror = await self.cluster.follow(message_id, user)  # generated by another node?
+            if mirror is not None:
+                mirror.attach(listener, after_seq)
+                return mirror
         found = await self._store_call(self.store.get_message(message_id))
         if found is None or found[0].role != "assistant" or not self._may_access(found[1], user):
             raise ChatError("not_found", "No such message.")
@@ -268,6 +324,8 @@ class ChatService:
         if running is not None:
             running.cancel("user")
             await asyncio.wait({running.task} if running.task else set())
+        elif self.cluster is not None:  # an answer on another node stops too (not awaited)
+            await self.cluster.stop_remote(session_id, user)
         await self._store_call(self.store.delete_session(session_id))
 
     async def ready(self) -> bool:
@@ -279,7 +337,7 @@ class ChatService:
             await asyncio.wait_for(self.store.ping(), timeout=5)
         except (StoreError, TimeoutError):
             return False
-        return True
+        return self.cluster is None or await self.cluster.ready()
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -334,7 +392,12 @@ class ChatService:
             raise ChatError("internal_error", "The conversation store is unavailable; please try again.") from None
 
     async def _generate(
-        self, generation: Generation, turn: NewTurn, messages: list[dict[str, str]], transport: str
+        self,
+        generation: Generation,
+        turn: NewTurn,
+        messages: list[dict[str, str]],
+        transport: str,
+        held: HeldLock | None = None,
     ) -> None:
         generation.started = True
         ANSWER_IDS.set((generation.session_id, generation.message_id))  # this task's own context
@@ -372,7 +435,7 @@ class ChatService:
                         if now >= next_checkpoint:
                             next_checkpoint = now + self.policy.checkpoint_seconds
                             if checkpointing is None or checkpointing.done():
-                                checkpointing = asyncio.create_task(self._checkpoint(generation))
+                                checkpointing = asyncio.create_task(self._checkpoint(generation, turn.fence))
                         if now - slice_start > FAIR_SLICE_SECONDS:
                             await asyncio.sleep(0)
                             slice_start = time.monotonic()
@@ -392,7 +455,7 @@ class ChatService:
             log.exception("answer %s: unexpected failure", generation.message_id)
             error = ChatError("internal_error", "The answer failed unexpectedly.")
         try:
-            await self._finish(generation, begun, checkpointing, usage, ttft_ms, error)
+            await self._finish(generation, begun, checkpointing, usage, ttft_ms, error, held)
         finally:
             self.metrics.answer_ended(
                 transport,
@@ -411,6 +474,9 @@ class ChatService:
         except OwnershipConflict:
             log.info("answer %s: session taken by another caller meanwhile", generation.message_id)
             raise
+        except FencedOut as exc:  # not a store failure: this node lost the session's lock
+            log.error("answer %s: not stored, the session moved on: %s", generation.message_id, exc)
+            raise
         except StoreError as exc:
             self.store_health.write_failed()
             log.error("answer %s: could not store the user message: %s", generation.message_id, exc)
@@ -421,9 +487,14 @@ class ChatService:
             raise StoreError(type(exc).__name__) from exc
         self.store_health.write_succeeded()
 
-    async def _checkpoint(self, generation: Generation) -> None:
+    async def _checkpoint(self, generation: Generation, fence: int | None) -> None:
         try:
-            await self.store.checkpoint(generation.message_id, generation.text)
+            await self.store.checkpoint(
+                generation.message_id, generation.text,
+                None if fence is None else Fence(generation.session_id, fence),
+            )
+        except FencedOut as exc:  # not a store failure: this node lost the session's lock
+            log.warning("answer %s: checkpoint refused, the session moved on: %s", generation.message_id, exc)
         except StoreError as exc:
             self.store_health.write_failed()
             log.warning("answer %s: checkpoint failed: %s", generation.message_id, exc)
@@ -439,6 +510,7 @@ class ChatService:
         usage: UsageReport,
         ttft_ms: float | None,
         error: ChatError | None,
+        held: HeldLock | None = None,
     ) -> None:
         generation.finishing = True  # from here on a cancel changes nothing
         text = generation.text
@@ -464,10 +536,14 @@ class ChatService:
                             finished_at=datetime.now(UTC),
                             usage=usage.tokens,
                             ttft_ms=ttft_ms,
+                            fence=held.fence if held is not None else None,
                         )
                     )
                     stored = True
                     self.store_health.write_succeeded()
+        except FencedOut as exc:
+            # this node lost the session's lock (paused past its TTL): the newer answer stays
+            log.error("answer %s: not stored, the session moved on: %s", generation.message_id, exc)
         except (StoreError, TimeoutError) as exc:
             self.store_health.write_failed()
             log.error("answer %s: could not store the answer: %s", generation.message_id, exc or "timed out")
@@ -480,4 +556,6 @@ class ChatService:
                 error = ChatError("not_found", NOT_FOUND) if taken else ChatError("internal_error", STORE_FAILED)
             self._by_session.pop(generation.session_id, None)
             self._by_message.pop(generation.message_id, None)
+            if held is not None:  # the session is free before its closing frame
+                await self.cluster.release(held)  # type: ignore[union-attr]
             generation.end(Outcome(status=status, text=text, error=error, cancelled=cancelled and error is None))

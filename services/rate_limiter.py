@@ -25,6 +25,7 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cachetools import TTLCache
 
@@ -65,6 +66,17 @@ class RateStatus:
             "RateLimit-Remaining": str(self.remaining),
             "RateLimit-Reset": str(self.reset_seconds),
         }
+
+
+class Limiter(Protocol):
+    """What the chat service uses: this in-process limiter, or the Redis one in cluster mode.
+
+    Async for both, so the chat service has one code path; here nothing actually waits.
+    """
+
+    async def peek(self, key: str, limit: int) -> RateStatus: ...
+
+    async def acquire(self, key: str, limit: int) -> RateStatus: ...
 
 
 class _Ring:
@@ -109,7 +121,7 @@ class RateLimiter:
     def _cache(self, key: str) -> TTLCache[str, _Ring]:
         return self._user_rings if key.startswith(USER_KEY_PREFIX) else self._rings
 
-    def peek(self, key: str, limit: int) -> RateStatus:
+    async def peek(self, key: str, limit: int) -> RateStatus:
         """The budget of ``key`` without using any of it; ``allowed``: would acquire() pass now."""
         now = self._clock()
         ring = self._cache(key).get(key)
@@ -117,7 +129,7 @@ class RateLimiter:
             return RateStatus(True, limit, limit, 0)
         return self._status(ring, now, allowed=ring.times[ring.head] <= now - self.window)
 
-    def acquire(self, key: str, limit: int) -> RateStatus:
+    async def acquire(self, key: str, limit: int) -> RateStatus:
         """Use one slot of ``key``'s budget if there is one."""
         now = self._clock()
         rings = self._cache(key)

@@ -43,126 +43,126 @@ def expect(status: RateStatus, allowed: bool, remaining: int, reset: int, limit:
 # --- unit ------------------------------------------------------------------------------
 
 
-def test_window_slides(clock: Clock):
+async def test_window_slides(clock: Clock):
     limiter = RateLimiter(10, clock=clock)
-    expect(limiter.acquire("k", 3), True, 2, 10)
+    expect(await limiter.acquire("k", 3), True, 2, 10)
     clock.now = 1
-    expect(limiter.acquire("k", 3), True, 1, 9)
+    expect(await limiter.acquire("k", 3), True, 1, 9)
     clock.now = 2
-    expect(limiter.acquire("k", 3), True, 0, 8)
+    expect(await limiter.acquire("k", 3), True, 0, 8)
 
     clock.now = 3
-    rejected = limiter.acquire("k", 3)
+    rejected = await limiter.acquire("k", 3)
     expect(rejected, False, 0, 7)
     assert rejected.retry_after == 7
     clock.now = 9.5
-    rejected = limiter.acquire("k", 3)
+    rejected = await limiter.acquire("k", 3)
     expect(rejected, False, 0, 1)
     assert rejected.retry_after == 1
     clock.now = 9.999
-    assert limiter.acquire("k", 3).allowed is False
+    assert (await limiter.acquire("k", 3)).allowed is False
 
     # at exactly t=10 the request made at t=0 has left the window: one slot frees
     clock.now = 10.0
-    expect(limiter.acquire("k", 3), True, 0, 1)  # live now: 1, 2, 10
-    assert limiter.acquire("k", 3).allowed is False  # only one was freed
+    expect(await limiter.acquire("k", 3), True, 0, 1)  # live now: 1, 2, 10
+    assert (await limiter.acquire("k", 3)).allowed is False  # only one was freed
     clock.now = 11.0
-    expect(limiter.acquire("k", 3), True, 0, 1)  # live: 2, 10, 11
+    expect(await limiter.acquire("k", 3), True, 0, 1)  # live: 2, 10, 11
     clock.now = 12.0
-    expect(limiter.acquire("k", 3), True, 0, 8)  # live: 10, 11, 12 -> oldest frees at 20
+    expect(await limiter.acquire("k", 3), True, 0, 8)  # live: 10, 11, 12 -> oldest frees at 20
     clock.now = 19.0
-    assert limiter.acquire("k", 3).retry_after == 1
+    assert (await limiter.acquire("k", 3)).retry_after == 1
 
     # long idle: the whole budget is back
     clock.now = 100.0
-    expect(limiter.peek("k", 3), True, 3, 0)
-    expect(limiter.acquire("k", 3), True, 2, 10)
+    expect(await limiter.peek("k", 3), True, 3, 0)
+    expect(await limiter.acquire("k", 3), True, 2, 10)
 
 
-def test_rejected_requests_do_not_use_the_budget(clock: Clock):
+async def test_rejected_requests_do_not_use_the_budget(clock: Clock):
     limiter = RateLimiter(10, clock=clock)
     for _ in range(2):
-        assert limiter.acquire("k", 2).allowed
+        assert (await limiter.acquire("k", 2)).allowed
     clock.now = 5
     for _ in range(50):  # hammering while limited does not push the reset further out
-        assert limiter.acquire("k", 2).retry_after == 5
+        assert (await limiter.acquire("k", 2)).retry_after == 5
     clock.now = 10
-    assert limiter.acquire("k", 2).allowed
+    assert (await limiter.acquire("k", 2)).allowed
 
 
-def test_fractional_times_round_reset_up(clock: Clock):
+async def test_fractional_times_round_reset_up(clock: Clock):
     limiter = RateLimiter(10, clock=clock)
     clock.now = 0.25
-    expect(limiter.acquire("k", 1), True, 0, 10, limit=1)
+    expect(await limiter.acquire("k", 1), True, 0, 10, limit=1)
     clock.now = 0.5
-    status = limiter.acquire("k", 1)
+    status = await limiter.acquire("k", 1)
     expect(status, False, 0, 10, limit=1)  # frees at 10.25: 9.75 s away, announced as 10
     clock.now = 10.24
-    assert limiter.acquire("k", 1).retry_after == 1
+    assert (await limiter.acquire("k", 1)).retry_after == 1
     clock.now = 10.25
-    assert limiter.acquire("k", 1).allowed
+    assert (await limiter.acquire("k", 1)).allowed
 
 
-def test_peek_does_not_consume(clock: Clock):
+async def test_peek_does_not_consume(clock: Clock):
     limiter = RateLimiter(10, clock=clock)
     for _ in range(5):
-        expect(limiter.peek("k", 3), True, 3, 0)
+        expect(await limiter.peek("k", 3), True, 3, 0)
     assert len(limiter) == 0  # peeking stores nothing
-    limiter.acquire("k", 3)
+    await limiter.acquire("k", 3)
     for _ in range(5):
-        expect(limiter.peek("k", 3), True, 2, 10)
-    limiter.acquire("k", 3)
-    limiter.acquire("k", 3)
+        expect(await limiter.peek("k", 3), True, 2, 10)
+    await limiter.acquire("k", 3)
+    await limiter.acquire("k", 3)
     clock.now = 4
-    exhausted = limiter.peek("k", 3)
+    exhausted = await limiter.peek("k", 3)
     expect(exhausted, False, 0, 6)
     assert exhausted.retry_after == 6
-    assert limiter.peek("k", 3) == exhausted
+    assert await limiter.peek("k", 3) == exhausted
     clock.now = 10
-    expect(limiter.peek("k", 3), True, 3, 0)  # all three were made at t=0
+    expect(await limiter.peek("k", 3), True, 3, 0)  # all three were made at t=0
 
 
-def test_peek_after_partial_expiry(clock: Clock):
+async def test_peek_after_partial_expiry(clock: Clock):
     limiter = RateLimiter(10, clock=clock)
     for now in (0, 4, 8):
         clock.now = now
-        limiter.acquire("k", 3)
+        await limiter.acquire("k", 3)
     clock.now = 12
-    expect(limiter.peek("k", 3), True, 1, 2)  # t=0 gone; t=4 frees at 14
+    expect(await limiter.peek("k", 3), True, 1, 2)  # t=0 gone; t=4 frees at 14
     clock.now = 14
-    expect(limiter.peek("k", 3), True, 2, 4)  # t=8 frees at 18
+    expect(await limiter.peek("k", 3), True, 2, 4)  # t=8 frees at 18
     clock.now = 18
-    expect(limiter.peek("k", 3), True, 3, 0)
+    expect(await limiter.peek("k", 3), True, 3, 0)
 
 
-def test_keys_are_independent(clock: Clock):
+async def test_keys_are_independent(clock: Clock):
     limiter = RateLimiter(10, clock=clock)
     for _ in range(3):
-        assert limiter.acquire("ip:1", 3).allowed
-    assert not limiter.acquire("ip:1", 3).allowed
-    expect(limiter.acquire("ip:2", 3), True, 2, 10)
-    expect(limiter.acquire("user:1", 5), True, 4, 10, limit=5)
-    expect(limiter.peek("ip:2", 3), True, 2, 10)
-    assert not limiter.acquire("ip:1", 3).allowed
+        assert (await limiter.acquire("ip:1", 3)).allowed
+    assert not (await limiter.acquire("ip:1", 3)).allowed
+    expect(await limiter.acquire("ip:2", 3), True, 2, 10)
+    expect(await limiter.acquire("user:1", 5), True, 4, 10, limit=5)
+    expect(await limiter.peek("ip:2", 3), True, 2, 10)
+    assert not (await limiter.acquire("ip:1", 3)).allowed
 
 
 @pytest.mark.parametrize("start", [0.0, 1002.652246753, 32439.345765670874, 130961.2186978915, 523704.35872851027])
-def test_reset_never_exceeds_the_window(clock: Clock, start: float):
+async def test_reset_never_exceeds_the_window(clock: Clock, start: float):
     """Float rounding in (t + window - now) must not announce window + 1 seconds."""
     limiter = RateLimiter(900, clock=clock)
     clock.now = start
-    expect(limiter.acquire("k", 1), True, 0, 900, limit=1)
-    rejected = limiter.acquire("k", 1)
+    expect(await limiter.acquire("k", 1), True, 0, 900, limit=1)
+    rejected = await limiter.acquire("k", 1)
     expect(rejected, False, 0, 900, limit=1)
     assert rejected.retry_after == 900
-    expect(limiter.peek("k", 1), False, 0, 900, limit=1)
+    expect(await limiter.peek("k", 1), False, 0, 900, limit=1)
     clock.now = start + 899.5
-    assert limiter.acquire("k", 1).retry_after == 1
+    assert (await limiter.acquire("k", 1)).retry_after == 1
     clock.now = start + 900
-    assert limiter.acquire("k", 1).allowed
+    assert (await limiter.acquire("k", 1)).allowed
 
 
-def test_headers():
+async def test_headers():
     status = RateStatus(False, 3, 0, 7)
     assert status.headers() == {"RateLimit-Limit": "3", "RateLimit-Remaining": "0", "RateLimit-Reset": "7"}
     assert status.retry_after == 7
@@ -170,40 +170,40 @@ def test_headers():
     assert RateStatus(False, 3, 0, 0).retry_after == 1  # never "retry after 0 seconds"
 
 
-def test_memory_is_bounded_under_a_flood_of_keys(clock: Clock):
+async def test_memory_is_bounded_under_a_flood_of_keys(clock: Clock):
     limiter = RateLimiter(900, max_keys=10_000, clock=clock)
     for number in range(100_000):
         clock.now = number / 1000
-        assert limiter.acquire(f"ip:{number}", 20).allowed
+        assert (await limiter.acquire(f"ip:{number}", 20)).allowed
         if number % 9_999 == 0:
             assert len(limiter) <= 10_000
     assert len(limiter) == 10_000
     # the most recent keys are the ones kept, with their budget used
-    expect(limiter.peek("ip:99999", 20), True, 19, 900, limit=20)
-    assert limiter.acquire("ip:99999", 20).remaining == 18
+    expect(await limiter.peek("ip:99999", 20), True, 19, 900, limit=20)
+    assert (await limiter.acquire("ip:99999", 20)).remaining == 18
     # the oldest were dropped first
-    expect(limiter.peek("ip:0", 20), True, 20, 0, limit=20)
+    expect(await limiter.peek("ip:0", 20), True, 20, 0, limit=20)
     assert len(limiter) == 10_000
 
 
-def test_idle_keys_expire_from_the_cache(clock: Clock):
+async def test_idle_keys_expire_from_the_cache(clock: Clock):
     limiter = RateLimiter(10, clock=clock)
-    limiter.acquire("idle", 3)
+    await limiter.acquire("idle", 3)
     clock.now = 5
-    limiter.acquire("busy", 3)
+    await limiter.acquire("busy", 3)
     assert len(limiter) == 2
     clock.now = 9.9
     assert len(limiter) == 2
     clock.now = 10  # a whole window since "idle" was last used
     assert len(limiter) == 1
     clock.now = 14.9
-    limiter.acquire("busy", 3)  # using a key keeps it
+    await limiter.acquire("busy", 3)  # using a key keeps it
     clock.now = 20
     assert len(limiter) == 1
-    expect(limiter.peek("busy", 3), True, 2, 5)
+    expect(await limiter.peek("busy", 3), True, 2, 5)
     clock.now = 24.9
     assert len(limiter) == 0
-    expect(limiter.peek("busy", 3), True, 3, 0)
+    expect(await limiter.peek("busy", 3), True, 3, 0)
 
 
 # --- end to end ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ so cases never see each other's data.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import sqlite3
 import time
@@ -24,6 +25,8 @@ from services.store.base import (
     STATUS_PARTIAL,
     ChatStore,
     ContextMessage,
+    Fence,
+    FencedOut,
     FinishedMessage,
     NewTurn,
     OwnershipConflict,
@@ -259,6 +262,35 @@ async def test_finish_message_stores_final_text_status_usage_ttft(store: ChatSto
     assert session.updated_at == at(30) and session.created_at == at(0)
     assert [m.status for m in session.messages] == [STATUS_COMPLETE, STATUS_COMPLETE, STATUS_COMPLETE, STATUS_ERROR]
     assert [m.content for m in session.messages] == [first.user_content, "the whole answer", second.user_content, ""]
+
+
+async def test_writes_with_an_older_fencing_number_are_refused(store: ChatStore) -> None:
+    # node A took the session with fence 5, lost its lock; node B took it with fence 7
+    stale = dataclasses.replace(new_turn("s1", 1, when=at(0)), fence=5)
+    await store.begin_turn(stale)
+    await store.checkpoint(stale.assistant_message_id, "A so far", Fence("s1", 5))
+    newer = dataclasses.replace(new_turn("s1", 2, when=at(10)), fence=7)
+    await store.begin_turn(newer)
+    with pytest.raises(FencedOut):
+        await store.checkpoint(stale.assistant_message_id, "A, later", Fence("s1", 5))
+    with pytest.raises(FencedOut):
+        await store.finish_message(finished(stale, "A's whole answer", at(20), fence=5))
+    with pytest.raises(FencedOut):
+        await store.begin_turn(dataclasses.replace(new_turn("s1", 3, when=at(30)), fence=6))
+    await store.checkpoint(newer.assistant_message_id, "B so far", Fence("s1", 7))
+    await store.finish_message(finished(newer, "B's answer", at(15), fence=7))
+
+    session = await store.get_session("s1")
+    assert session is not None
+    assert [(m.content, m.status) for m in session.messages] == [
+        (stale.user_content, STATUS_COMPLETE), ("A so far", STATUS_PARTIAL),
+        (newer.user_content, STATUS_COMPLETE), ("B's answer", STATUS_COMPLETE),
+    ]
+    assert session.updated_at == at(15)  # the refused writes changed nothing
+    # unfenced writes (one process) and other sessions are never refused
+    await store.begin_turn(dataclasses.replace(new_turn("s2", 1), fence=1))
+    await store.checkpoint("s1-a1", "unfenced")
+    assert (await store.get_message("s1-a1"))[0].content == "unfenced"  # type: ignore[index]
 
 
 async def test_get_message_returns_record_and_owner(store: ChatStore) -> None:

@@ -4,6 +4,12 @@ A turn is written in three steps, none of them per chunk:
 ``begin_turn`` (session, user message and an empty assistant placeholder, in one go),
 ``checkpoint`` every few seconds while a long answer streams, and ``finish_message``
 once at the end with the final text and status.
+
+Fencing (cluster mode): each write of a turn may carry the fencing number of the session
+lock it was made under. A session remembers the highest number it has seen; a write
+carrying a lower one (from a node that lost its lock) is refused with FencedOut, so it
+cannot land over the turn of the node that holds the session now. Writes without a
+number (one process) are never refused.
 """
 
 from __future__ import annotations
@@ -22,6 +28,18 @@ TITLE_CHARS = 80
 
 class StoreError(Exception):
     """The store did not answer or refused a write; the detail is for the log only."""
+
+
+class FencedOut(StoreError):
+    """A write carried an older fencing number than the session's newest: refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The session and fencing number a write is made under (cluster mode)."""
+
+    session_id: str
+    number: int
 
 
 class OwnershipConflict(StoreError):
@@ -51,6 +69,8 @@ class NewTurn:
     assistant_message_id: str
     model: str
     created_at: datetime
+    #: the fencing number of the session lock (cluster mode); the session keeps the highest
+    fence: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +113,8 @@ class FinishedMessage:
     finished_at: datetime
     usage: dict[str, int] | None = None
     ttft_ms: float | None = None
+    #: refused (FencedOut) when lower than the session's highest fencing number
+    fence: int | None = None
 
 
 def make_title(first_message: str) -> str:
@@ -123,15 +145,25 @@ class ChatStore(abc.ABC):
 
     @abc.abstractmethod
     async def begin_turn(self, turn: NewTurn) -> None:
-        """Create the session if new, store the user message and the assistant placeholder."""
+        """Create the session if new, store the user message and the assistant placeholder.
+
+        With ``turn.fence``: FencedOut if the session has seen a higher number, else the
+        session's number becomes ``turn.fence``.
+        """
 
     @abc.abstractmethod
-    async def checkpoint(self, message_id: str, content: str) -> None:
-        """Save the text generated so far of an unfinished assistant message."""
+    async def checkpoint(self, message_id: str, content: str, fence: Fence | None = None) -> None:
+        """Save the text generated so far of an unfinished assistant message.
+
+        FencedOut if ``fence`` is older than its session's highest number.
+        """
 
     @abc.abstractmethod
     async def finish_message(self, finished: FinishedMessage) -> None:
-        """Store the final text and status of an assistant message."""
+        """Store the final text and status of an assistant message.
+
+        FencedOut if ``finished.fence`` is older than its session's highest number.
+        """
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionRecord | None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 from services.metrics import ChatMetrics
 from services.store.base import (
     ChatStore,
+    Fence,
     FinishedMessage,
     MessageRecord,
     NewTurn,
@@ -40,8 +41,8 @@ class InstrumentedStore(ChatStore):
     async def begin_turn(self, turn: NewTurn) -> None:
         await self._timed("begin_turn", self.inner.begin_turn(turn))
 
-    async def checkpoint(self, message_id: str, content: str) -> None:
-        await self._timed("checkpoint", self.inner.checkpoint(message_id, content))
+    async def checkpoint(self, message_id: str, content: str, fence: Fence | None = None) -> None:
+        await self._timed("checkpoint", self.inner.checkpoint(message_id, content, fence))
 
     async def finish_message(self, finished: FinishedMessage) -> None:
         await self._timed("finish_message", self.inner.finish_message(finished))

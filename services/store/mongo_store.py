@@ -6,7 +6,7 @@ and closing the client differ. Like the SQLite store, a turn costs three round t
 most (begin, a checkpoint every few seconds, finish), never one per chunk.
 
 Collections:
-  sessions  {_id: sessionId, owner, title, createdAt, updatedAt, messageCount}
+  sessions  {_id: sessionId, owner, title, createdAt, updatedAt, messageCount, fence}
   messages  {_id: message id, sessionId, seq, role, content, status, createdAt, updatedAt,
              model, usage, ttftMs}
 """
@@ -22,13 +22,15 @@ from typing import Any
 import pymongo
 from bson.errors import BSONError
 from pymongo import ReturnDocument
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from services.store.base import (
     STATUS_COMPLETE,
     STATUS_PARTIAL,
     ChatStore,
     ContextMessage,
+    Fence,
+    FencedOut,
     FinishedMessage,
     MessageRecord,
     NewTurn,
@@ -174,20 +176,31 @@ class MongoStore(ChatStore):
 
     async def begin_turn(self, turn: NewTurn) -> None:
         now = turn.created_at
+        selector: dict[str, Any] = {"_id": turn.session_id}
+        changes: dict[str, Any] = {"updatedAt": now}
+        if turn.fence is not None:
+            # a session with a higher number does not match: the upsert then collides on _id
+            selector["fence"] = {"$not": {"$gt": turn.fence}}
+            changes["fence"] = turn.fence
         with _translated("begin turn"):
             # one atomic upsert creates the session if new and reserves two seq numbers, so
             # concurrent turns on one session never collide on (sessionId, seq)
-            session = await self._sessions.find_one_and_update(
-                {"_id": turn.session_id},
-                {
-                    "$setOnInsert": {"owner": turn.owner, "title": make_title(turn.user_content), "createdAt": now},
-                    "$inc": {"messageCount": 2},
-                    "$set": {"updatedAt": now},
-                },
-                projection={"messageCount": 1, "owner": 1},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
+            try:
+                session = await self._sessions.find_one_and_update(
+                    selector,
+                    {
+                        "$setOnInsert": {"owner": turn.owner, "title": make_title(turn.user_content), "createdAt": now},
+                        "$inc": {"messageCount": 2},
+                        "$set": changes,
+                    },
+                    projection={"messageCount": 1, "owner": 1},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+            except DuplicateKeyError:
+                if turn.fence is None:
+                    raise
+                raise FencedOut(f"session {turn.session_id}: fencing number {turn.fence} is outdated") from None
             if session.get("owner") != turn.owner:
                 # another process created this session for someone else a moment ago (or an
                 # anonymous one, which a user must not write into)
@@ -210,8 +223,17 @@ class MongoStore(ChatStore):
                 ]
             )
 
-    async def checkpoint(self, message_id: str, content: str) -> None:
+    async def _check_fence(self, session_id: str, number: int) -> None:
+        # not atomic with the write that follows (that needs a transaction); the window is
+        # one round trip, against a lock that was lost lock_ttl_seconds ago
+        newer = await self._sessions.find_one({"_id": session_id, "fence": {"$gt": number}}, {"fence": 1})
+        if newer is not None:
+            raise FencedOut(f"session {session_id}: fencing number {number} is older than {newer['fence']}")
+
+    async def checkpoint(self, message_id: str, content: str, fence: Fence | None = None) -> None:
         with _translated("checkpoint"):
+            if fence is not None:
+                await self._check_fence(fence.session_id, fence.number)
             await self._messages.update_one(
                 {"_id": message_id}, {"$set": {"content": content, "updatedAt": datetime.now(UTC)}}
             )
@@ -219,6 +241,8 @@ class MongoStore(ChatStore):
     async def finish_message(self, finished: FinishedMessage) -> None:
         now = finished.finished_at
         with _translated("finish message"):
+            if finished.fence is not None:
+                await self._check_fence(finished.session_id, finished.fence)
             await self._messages.update_one(
                 {"_id": finished.message_id},
                 {

@@ -25,6 +25,8 @@ from services.store.base import (
     STATUS_PARTIAL,
     ChatStore,
     ContextMessage,
+    Fence,
+    FencedOut,
     FinishedMessage,
     MessageRecord,
     NewTurn,
@@ -45,7 +47,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     title TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    message_count INTEGER NOT NULL DEFAULT 0
+    message_count INTEGER NOT NULL DEFAULT 0,
+    fence INTEGER
 );
 CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, updated_at DESC);
 CREATE TABLE IF NOT EXISTS messages (
@@ -120,6 +123,13 @@ class _Job:
         self.future = future
         self.loop = loop
         self.transaction = transaction
+
+
+def _check_fence(db: sqlite3.Connection, session_id: str, number: int) -> None:
+    """FencedOut if the session has seen a higher fencing number (in the caller's transaction)."""
+    row = db.execute("SELECT fence FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    if row is not None and row[0] is not None and row[0] > number:
+        raise FencedOut(f"session {session_id}: fencing number {number} is older than {row[0]}")
 
 
 class SqliteStore(ChatStore):
@@ -241,6 +251,9 @@ class SqliteStore(ChatStore):
                 connection.execute("PRAGMA synchronous=NORMAL")
                 connection.execute("PRAGMA busy_timeout=5000")
                 connection.executescript(SCHEMA)
+                columns = {row[1] for row in connection.execute("PRAGMA table_info(sessions)")}
+                if "fence" not in columns:  # a file made before cluster mode
+                    connection.execute("ALTER TABLE sessions ADD COLUMN fence INTEGER")
             except Exception as exc:  # OSError, sqlite3.Error, ...
                 raise StoreError(f"cannot open {self._path}: {exc}") from exc
             self._connection = connection
@@ -291,10 +304,12 @@ class SqliteStore(ChatStore):
                 " VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT(id) DO NOTHING",
                 (turn.session_id, turn.owner, make_title(turn.user_content), now, now),
             )
+            if turn.fence is not None:
+                _check_fence(db, turn.session_id, turn.fence)
             count, owner = db.execute(
-                "UPDATE sessions SET message_count = message_count + 2, updated_at = ?"
-                " WHERE id = ? RETURNING message_count, owner",
-                (now, turn.session_id),
+                "UPDATE sessions SET message_count = message_count + 2, updated_at = ?,"
+                " fence = COALESCE(?, fence) WHERE id = ? RETURNING message_count, owner",
+                (now, turn.fence, turn.session_id),
             ).fetchone()
             if owner != turn.owner:
                 # another writer created this session for someone else a moment ago (or an
@@ -313,18 +328,22 @@ class SqliteStore(ChatStore):
 
         await self._run(write)
 
-    async def checkpoint(self, message_id: str, content: str) -> None:
+    async def checkpoint(self, message_id: str, content: str, fence: Fence | None = None) -> None:
         now = datetime.now(UTC).timestamp()
-        await self._run(
-            lambda db: db.execute(
-                "UPDATE messages SET content = ?, updated_at = ? WHERE id = ?", (content, now, message_id)
-            )
-        )
+
+        def write(db: sqlite3.Connection) -> None:
+            if fence is not None:
+                _check_fence(db, fence.session_id, fence.number)
+            db.execute("UPDATE messages SET content = ?, updated_at = ? WHERE id = ?", (content, now, message_id))
+
+        await self._run(write)
 
     async def finish_message(self, finished: FinishedMessage) -> None:
         now = finished.finished_at.timestamp()
 
         def write(db: sqlite3.Connection) -> None:
+            if finished.fence is not None:
+                _check_fence(db, finished.session_id, finished.fence)
             db.execute(
                 "UPDATE messages SET content = ?, status = ?, updated_at = ?, usage = ?, ttft_ms = ? WHERE id = ?",
                 (
