@@ -51,9 +51,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP) $(JS_STAMP)
+	bash scripts/setup_redis.sh
 	$(BIN)/python -m bench.run --full
 
 bench-smoke: $(STAMP)
+	bash scripts/setup_redis.sh
 	$(BIN)/python -m bench.run --smoke
 
 # Re-resolve the lock from pyproject.toml's ranges (run after changing dependencies).
