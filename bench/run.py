@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_holder.append(redis_proc)
             cluster_env = {"AICHAT_CLUSTER_REDIS_URL": redis_url, "AICHAT_CLUSTER_NODE_ID": "bench-node"}
             servers[:] = [start_product(workdir, upstream_url),
-                          start_product(workdir, upstream_url, cluster_env, name="cluster")]
+                          start_product(workdir, upstream_url, extra_env=cluster_env, name="cluster")]
             single, cluster = servers
             for key, concurrency, requests, chunks, gap in settings["cluster"]:
                 for transport in transports:
