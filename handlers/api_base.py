@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import tornado.http1connection
+import tornado.httputil
 import tornado.web
 
 from handlers.identity import Identify, host_user
@@ -41,17 +42,6 @@ def as_chat_error(exc: Exception) -> ChatError:
     return ChatError("internal_error", "Internal server error.")
 
 
-def refuse_foreign_host(handler: tornado.web.RequestHandler, host_filter: HostFilter | None) -> bool:
-    """For the routes that are not API handlers (the page, /metrics): 400 `invalid_host`
-    unless ``host_filter`` serves the request's Host (DNS-rebinding guard)."""
-    if host_filter is None or host_filter.allows(handler.request.headers.get("Host")):
-        return False
-    handler.set_status(400)
-    handler.set_header("Content-Type", "application/json; charset=utf-8")
-    handler.finish(json.dumps({"error": "This Host is not served.", "code": "invalid_host"}))
-    return True
-
-
 def declared_length(value: str | None) -> int | None:
     """A Content-Length header as a number; None when absent or not a plain number."""
     if value is None:
@@ -62,45 +52,32 @@ def declared_length(value: str | None) -> int | None:
     return int(value) if len(value) <= 18 else 10**18  # int() refuses over 4,300 digits
 
 
-@tornado.web.stream_request_body
-class ApiHandler(tornado.web.RequestHandler):
-    """The body streams in (stream_request_body), so that prepare() can refuse it before it is read.
+class RequestGuard:
+    """The Host check and the body limit, applied before any of the body is read.
 
-    Tornado's server-wide body cap is sized for /socket.io/ frames (2 MB); every API route
-    lowers it for its own request to ``max_body_bytes`` in prepare(), which also works when
-    the routes are mounted in a host's Application and HTTPServer. Only routes that read a
-    body (``reads_body``) keep it; the others discard what arrives.
+    For handlers made with ``tornado.web.stream_request_body``: the API handlers, and the
+    routes that take no body at all (the page, /metrics). Tornado's server-wide body cap is
+    sized for /socket.io/ frames (2 MB); each guarded route lowers it for its own request to
+    ``max_body_bytes``, which also works when the routes are mounted in a host's Application
+    and HTTPServer. Only routes that read a body (``reads_body``) keep it.
     """
 
+    request: tornado.httputil.HTTPServerRequest
+    _finished: bool
+    max_body_bytes: int
+    host_filter: HostFilter | None
     #: keep the request body (in ``self.body``) for the handler method
     reads_body = False
+    rejected = False
+    body_size = 0
 
-    chat: ChatService
-    cors_origins: tuple[str, ...] = ()
-    identify: Identify | None = None
-    #: the user the host application's identify() named (embedding); None: JWT rules
-    host_user: str | None = None
-
-    def initialize(self, chat: ChatService, cors_origins: tuple[str, ...], max_body_bytes: int,
-                   host_filter: HostFilter, identify: Identify | None = None) -> None:
-        self.chat = chat
-        self.cors_origins = cors_origins
-        self.max_body_bytes = max_body_bytes
-        self.host_filter = host_filter
-        self.identify = identify
+    def guard(self) -> bool:
+        """Refuses a foreign Host or a declared body over the limit; True when refused."""
         self.body = bytearray()
-        self.body_size = 0
-        self.rejected = False
-        # Tornado calls set_default_headers before initialize: add the CORS headers now
-        self.set_default_headers()
-
-    async def prepare(self) -> None:
-        """Refuses a foreign Host, a too large body and (embedded) a cross-site write, then asks
-        the host who the caller is; subclasses call it first."""
-        if not self.host_filter.allows(self.request.headers.get("Host")):
-            return self.reject(ChatError("invalid_host", "This Host is not served."))
-        declared = self.request.headers.get("Content-Length")
-        length = declared_length(declared)
+        if self.host_filter is not None and not self.host_filter.allows(self.request.headers.get("Host")):
+            self.reject(ChatError("invalid_host", "This Host is not served."))
+            return True
+        length = declared_length(self.request.headers.get("Content-Length"))
         connection = self.request.connection
         if length is not None and length > self.max_body_bytes:
             if isinstance(connection, tornado.http1connection.HTTP1Connection):
@@ -108,17 +85,11 @@ class ApiHandler(tornado.web.RequestHandler):
                 # length under its cap it does not add a "400 Bad Request" (and a log line) of
                 # its own: the unread body is dropped with the connection
                 connection.set_max_body_size(length)
-            return self.reject(self.too_large())
+            self.reject(self.too_large())
+            return True
         if isinstance(connection, tornado.http1connection.HTTP1Connection):
             connection.set_max_body_size(self.max_body_bytes + BODY_CAP_SLACK)
-        if self.identify is None:
-            return
-        if self.request.method in UNSAFE_METHODS and not self._origin_allowed():
-            return self.reject(ChatError("forbidden", "Requests from this origin are not allowed."))
-        try:
-            self.host_user = await host_user(self.identify, self.request)
-        except ChatError as error:
-            self.reject(error)
+        return False
 
     def data_received(self, chunk: bytes) -> None:
         if self.rejected:
@@ -142,8 +113,51 @@ class ApiHandler(tornado.web.RequestHandler):
         """
         self.rejected = True
         if not self._finished:
-            self.set_header("Connection", "close")
+            self.set_header("Connection", "close")  # type: ignore[attr-defined]
             self.send_chat_error(error)
+
+    def send_chat_error(self, error: ChatError) -> None:
+        """A JSON error (the API handlers add their rate-limit headers)."""
+        self.set_status(error.http_status)  # type: ignore[attr-defined]
+        self.set_header("Content-Type", "application/json; charset=utf-8")  # type: ignore[attr-defined]
+        self.set_header("Cache-Control", "no-store")  # type: ignore[attr-defined]
+        self.finish(json.dumps({"error": error.message, "code": error.code}))  # type: ignore[attr-defined]
+
+
+@tornado.web.stream_request_body
+class ApiHandler(RequestGuard, tornado.web.RequestHandler):
+    """The body streams in (stream_request_body), so that prepare() can refuse it before it
+    is read (RequestGuard)."""
+
+    chat: ChatService
+    cors_origins: tuple[str, ...] = ()
+    identify: Identify | None = None
+    #: the user the host application's identify() named (embedding); None: JWT rules
+    host_user: str | None = None
+
+    def initialize(self, chat: ChatService, cors_origins: tuple[str, ...], max_body_bytes: int,
+                   host_filter: HostFilter, identify: Identify | None = None) -> None:
+        self.chat = chat
+        self.cors_origins = cors_origins
+        self.max_body_bytes = max_body_bytes
+        self.host_filter = host_filter
+        self.identify = identify
+        # Tornado calls set_default_headers before initialize: add the CORS headers now
+        self.set_default_headers()
+
+    async def prepare(self) -> None:
+        """Refuses a foreign Host, a too large body and (embedded) a cross-site write, then asks
+        the host who the caller is; subclasses call it first."""
+        if self.guard():
+            return
+        if self.identify is None:
+            return
+        if self.request.method in UNSAFE_METHODS and not self._origin_allowed():
+            return self.reject(ChatError("forbidden", "Requests from this origin are not allowed."))
+        try:
+            self.host_user = await host_user(self.identify, self.request)
+        except ChatError as error:
+            self.reject(error)
 
     def check_xsrf_cookie(self) -> None:
         """Chat routes take JSON (or no body) under CORS rules, never forms, so a host app's
@@ -154,7 +168,11 @@ class ApiHandler(tornado.web.RequestHandler):
         origin = self.request.headers.get("Origin")
         if origin is None or "*" in self.cors_origins or origin in self.cors_origins:
             return True
-        return urlsplit(origin).netloc.lower() == self.request.host.lower()
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:  # "http://[::1": a client's text, not an origin anyone serves
+            return False
+        return netloc.lower() == self.request.host.lower()
 
     def set_default_headers(self) -> None:
         if not self.cors_origins:

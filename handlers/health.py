@@ -15,5 +15,6 @@ class ReadyHandler(ApiHandler):
         if await self.chat.ready():
             self.send_json({"status": "ready"})
         else:
-            error = "The store does not answer, or failed to write lately."
+            error = ("Not ready: shutting down, or the store (or Redis, in cluster mode) does not answer "
+                     "or failed lately.")
             self.send_json({"status": "unavailable", "error": error}, 503)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from handlers.api_base import refuse_foreign_host
+from handlers.api_base import RequestGuard
 from services.host_filter import HostFilter
 
 
-class MetricsHandler(tornado.web.RequestHandler):
-    def initialize(self, registry: CollectorRegistry, host_filter: HostFilter | None = None) -> None:
+@tornado.web.stream_request_body
+class MetricsHandler(RequestGuard, tornado.web.RequestHandler):
+    def initialize(self, registry: CollectorRegistry, host_filter: HostFilter | None = None,
+                   max_body_bytes: int = 0) -> None:
         self.registry = registry
         self.host_filter = host_filter
+        self.max_body_bytes = max_body_bytes  # it takes none: any body is refused (413) unread
 
     def prepare(self) -> None:
-        refuse_foreign_host(self, self.host_filter)
+        self.guard()
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)

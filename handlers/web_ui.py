@@ -10,7 +10,7 @@ from typing import Any
 
 import tornado.web
 
-from handlers.api_base import refuse_foreign_host
+from handlers.api_base import RequestGuard
 from services.host_filter import HostFilter
 
 # Only the page's own files: no inline script or style, no other origin. `connect-src 'self'`
@@ -42,7 +42,8 @@ def web_root() -> Path:
     return Path(__file__).resolve().parent.parent / "web"
 
 
-class WebFileHandler(tornado.web.StaticFileHandler):
+@tornado.web.stream_request_body
+class WebFileHandler(RequestGuard, tornado.web.StaticFileHandler):
     """A file of the page, with a strict Content-Security-Policy.
 
     Served with `Cache-Control: no-cache` (revalidated by ETag), so an upgrade of the server
@@ -50,12 +51,13 @@ class WebFileHandler(tornado.web.StaticFileHandler):
     """
 
     def initialize(self, path: str, default_filename: str | None = None,
-                   host_filter: HostFilter | None = None) -> None:
+                   host_filter: HostFilter | None = None, max_body_bytes: int = 0) -> None:
         super().initialize(path, default_filename)
         self.host_filter = host_filter
+        self.max_body_bytes = max_body_bytes  # the page takes none: any body is refused (413) unread
 
     def prepare(self) -> None:
-        refuse_foreign_host(self, self.host_filter)
+        self.guard()
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
@@ -81,8 +83,22 @@ class WebFileHandler(tornado.web.StaticFileHandler):
         self.finish(json.dumps({"error": message, "code": code}))
 
 
-def web_ui_routes(prefix: str = "", root: Path | None = None,
-                  host_filter: HostFilter | None = None) -> list[tuple[str, type, dict[str, Any]]]:
+@tornado.web.stream_request_body
+class PrefixRedirectHandler(RequestGuard, tornado.web.RedirectHandler):
+    """`/chat` -> `/chat/`, guarded like the page."""
+
+    def initialize(self, url: str, host_filter: HostFilter | None = None,  # type: ignore[override]
+                   max_body_bytes: int = 0) -> None:
+        super().initialize(url)
+        self.host_filter = host_filter
+        self.max_body_bytes = max_body_bytes
+
+    def prepare(self) -> None:
+        self.guard()
+
+
+def web_ui_routes(prefix: str = "", root: Path | None = None, host_filter: HostFilter | None = None,
+                  max_body_bytes: int = 0) -> list[tuple[str, type, dict[str, Any]]]:
     """Routes of the page under ``prefix`` ("" or like "/chat"): the page at ``prefix + "/"``
     and its files at ``prefix + "/web/..."``.
 
@@ -94,12 +110,12 @@ def web_ui_routes(prefix: str = "", root: Path | None = None,
         raise ValueError(f"a route prefix starts with '/': {prefix!r}")
     folder = str(root if root is not None else web_root())
     escaped = re.escape(prefix)
+    guard = {"host_filter": host_filter, "max_body_bytes": max_body_bytes}
     routes: list[tuple[str, type, dict[str, Any]]] = [
-        (escaped + r"/()", WebFileHandler, {"path": folder, "default_filename": "index.html",
-                                            "host_filter": host_filter}),
-        (escaped + r"/web/(.+)", WebFileHandler, {"path": folder, "host_filter": host_filter}),
+        (escaped + r"/()", WebFileHandler, {"path": folder, "default_filename": "index.html", **guard}),
+        (escaped + r"/web/(.+)", WebFileHandler, {"path": folder, **guard}),
     ]
     if prefix:
         # `/chat` -> `/chat/`: the page's relative URLs need the trailing slash
-        routes.append((escaped, tornado.web.RedirectHandler, {"url": prefix + "/"}))
+        routes.append((escaped, PrefixRedirectHandler, {"url": prefix + "/", **guard}))
     return routes

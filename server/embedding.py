@@ -27,6 +27,7 @@ from handlers.identity import Identify
 from handlers.metrics import MetricsHandler
 from handlers.sessions import CancelHandler, SessionHandler, SessionListHandler
 from handlers.web_ui import web_ui_routes
+from server.access_log import quiet_upstream_client_loggers
 from server.components import build_chat_service, build_metrics, build_provider, build_store
 from server.settings import Settings, load_settings, with_environment
 from server.socketio_server import build_socketio
@@ -113,14 +114,17 @@ class ChatServer:
             (base + r"/socket.io/", self._socketio_handler),
         ]
         if self.metrics.enabled:
-            routes.append((base + r"/metrics", MetricsHandler,
-                           {"registry": self.metrics.registry, "host_filter": self.host_filter}))
+            routes.append((base + r"/metrics", MetricsHandler, {"registry": self.metrics.registry,
+                           "host_filter": self.host_filter, "max_body_bytes": server.max_body_bytes}))
         if server.web_ui:
-            routes += web_ui_routes(prefix, host_filter=self.host_filter)
+            routes += web_ui_routes(prefix, host_filter=self.host_filter, max_body_bytes=server.max_body_bytes)
         return routes
 
     async def start(self) -> None:
-        """Open the store (and, in cluster mode, join the cluster); call before serving."""
+        """Open the store (and, in cluster mode, join the cluster); call before serving. Also
+        sets the upstream HTTP clients' loggers to WARNING (their INFO lines carry the
+        upstream URL with its query)."""
+        quiet_upstream_client_loggers()
         if not self._started:
             await self.store.open()
             self._started = True

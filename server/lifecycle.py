@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import tornado.httpserver
 import tornado.netutil
 
-from server.access_log import quiet_upstream_client_loggers
 from server.app import build_web_application
 from server.embedding import ChatServer
 from server.listener import LimitedHTTPServer
@@ -55,7 +54,6 @@ class RunningServer:
 
 async def start_server(settings: Settings, store: ChatStore | None = None) -> RunningServer:
     """``settings`` are final (the environment already merged): the ChatServer adds nothing."""
-    quiet_upstream_client_loggers()
     app = ChatServer(settings, store=store, environ={}, bound_host=settings.server.host)
     await app.start()
     http = LimitedHTTPServer(

@@ -211,6 +211,10 @@ class ChatService:
             if not rate.allowed:
                 raise ChatError("rate_limited", "Too many messages; please wait before sending more.",
                                 retry_after=rate.retry_after)
+        except asyncio.CancelledError:
+            if held is not None:  # cancelled from outside after the claim: stop renewing it
+                self.cluster.abandon(held)  # type: ignore[union-attr]
+            raise
         except ChatError as error:
             if held is not None:
                 await self.cluster.release(held)  # type: ignore[union-attr]
@@ -442,7 +446,13 @@ class ChatService:
             await asyncio.shield(begun)
         except asyncio.CancelledError:
             if generation.cancel_requested is None:
-                raise  # not ours: let it propagate
+                # not ours (the loop or a host is tearing tasks down): forget the answer at
+                # once, without awaiting anything, and let the cancellation propagate
+                self._by_session.pop(generation.session_id, None)
+                self._by_message.pop(generation.message_id, None)
+                if held is not None:
+                    self.cluster.abandon(held)  # type: ignore[union-attr]
+                raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
         except UpstreamError as exc:
             log.warning("answer %s: upstream %s: %s", generation.message_id, exc.code, exc.detail)

@@ -3,6 +3,7 @@ with its own signed-cookie login (examples/tornado_host.py), and two ChatServers
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -22,7 +23,7 @@ from examples.tornado_host import build_host_app, cookie_identify
 from server.embedding import ChatServer
 from server.settings import load_settings
 from tests.conftest import SseResponse, make_settings, read_sse
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, Script
 
 COOKIE_SECRET = "test-cookie-secret"
 
@@ -126,6 +127,52 @@ async def test_sse_history_and_sessions_follow_the_host_login(host_factory):
         await bob.close()
 
 
+async def test_cancel_and_resume_follow_the_host_login(host_factory, upstream):
+    host, _ = await host_factory()
+    alice, bob = await host.login("alice"), await host.login("bob")
+    chunks = [f"w{i} " for i in range(40)]
+    upstream.default = Script(chunks=chunks, delay=0.05)  # about 2 s
+    try:
+        first: dict[str, Any] = {}
+        async with alice.post(host.base + "/chat/api/v2/ai/chat/stream",
+                              json={"message": "long one", "sessionId": "alice-long"}) as response:
+            async for raw in response.content:  # the first frame, then the connection is dropped
+                if raw.startswith(b"id: "):
+                    first["id"] = raw[4:].decode().strip()
+                    break
+        message_id = first["id"].rpartition(":")[0]
+        resume = f"{host.base}/chat/api/v2/ai/chat/stream/{message_id}"
+        cancel = host.base + "/chat/api/v2/ai/chat/sessions/alice-long/cancel"
+        # bob's cookie reaches neither her answer nor its stop
+        async with bob.get(resume) as response:
+            assert response.status == 404 and (await response.json())["code"] == "not_found"
+        async with bob.post(cancel) as response:
+            assert response.status == 404
+        # hers does: resume from the start, then stop it
+        async with alice.get(resume) as response:
+            assert response.status == 200
+            result = SseResponse(200, {})
+            stopping: list[asyncio.Task[None]] = []
+
+            async def stop() -> None:
+                async with alice.post(cancel) as stopped:
+                    assert stopped.status == 202 and (await stopped.json())["messageId"] == message_id
+
+            def on_event(_: dict[str, Any]) -> None:  # stop the answer once it is being replayed
+                if not stopping:
+                    stopping.append(asyncio.ensure_future(stop()))
+
+            await read_sse(response, result, on_event)
+            await stopping[0]
+        assert result.last["done"] is True and result.last["cancelled"] is True
+        status, body = await get_json(alice, host.base + "/chat/api/v2/ai/chat/sessions/alice-long")
+        assert body["messages"][-1]["status"] == "partial"
+        assert body["messages"][-1]["content"] == result.content
+    finally:
+        await alice.close()
+        await bob.close()
+
+
 async def test_host_routes_and_xsrf_keep_working(host_factory):
     host, _ = await host_factory()
     async with aiohttp.ClientSession() as anonymous:
@@ -151,6 +198,9 @@ async def test_host_routes_and_xsrf_keep_working(host_factory):
         for method, address in (("DELETE", session), ("POST", session + "/cancel")):
             async with alice.request(method, address, headers={"Origin": "https://evil.example"}) as response:
                 assert response.status == 403 and (await response.json())["code"] == "forbidden"
+        # an Origin that is not even a URL is refused the same way, not a 500 with a traceback
+        async with alice.post(session + "/cancel", headers={"Origin": "http://[::1"}) as response:
+            assert response.status == 403 and (await response.json())["code"] == "forbidden"
         status, body = await get_json(alice, session)
         assert status == 200 and len(body["messages"]) == 2
     finally:

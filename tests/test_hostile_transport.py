@@ -70,6 +70,10 @@ ROUTES = [
     ("POST", "/api/v2/ai/chat/sessions/s1/cancel"),
     ("GET", "/api/v2/ai/chat/stream/m1"),
     ("POST", CHAT),
+    # the routes that are not API handlers take no body at all
+    ("POST", "/"),
+    ("GET", "/web/app.js"),
+    ("GET", "/metrics"),
 ]
 
 

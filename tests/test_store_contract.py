@@ -576,3 +576,32 @@ def test_mongo_description_hides_the_uri() -> None:
     assert "s3cret" not in chat_store.description and "db.internal" not in chat_store.description
     with pytest.raises(ValueError):
         MongoStore("mongodb://localhost", "aichat", "mongoengine")
+
+
+async def test_sqlite_fenced_writes_wait_for_another_process_holding_the_write_lock(tmp_path) -> None:
+    """Cluster nodes on one host share one SQLite file: a fenced write (it reads the fence, then
+    writes) waits out another connection's write lock within the busy timeout instead of
+    failing at once with "database is locked"."""
+    store = SqliteStore(str(tmp_path / "shared.sqlite3"))
+    await store.open()
+    try:
+        turn = dataclasses.replace(new_turn("s1", 1), fence=1)
+        await store.begin_turn(turn)
+        other = sqlite3.connect(tmp_path / "shared.sqlite3", isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+
+        async def release_later() -> None:
+            await asyncio.sleep(0.5)
+            other.execute("COMMIT")
+
+        releasing = asyncio.create_task(release_later())
+        started = time.monotonic()
+        await store.checkpoint(turn.assistant_message_id, "partial text", fence=Fence("s1", 1))
+        await store.finish_message(dataclasses.replace(finished(turn, "all of it", T0), fence=1))
+        assert time.monotonic() - started >= 0.4  # it waited for the lock, and then succeeded
+        await releasing
+        other.close()
+        session = await store.get_session("s1")
+        assert session is not None and session.messages[-1].content == "all of it"
+    finally:
+        await store.close()

@@ -31,7 +31,7 @@ from services.cluster.redis_client import REDIS_FAILURES, ClusterUnavailable, Ke
 from services.errors import ChatError
 from services.generation import Generation, Outcome
 from services.rate_limiter import RateStatus
-from services.store.base import ChatStore, StoreError
+from services.store.base import STATUS_PARTIAL, ChatStore, StoreError
 
 log = logging.getLogger("aichat.cluster")
 
@@ -182,6 +182,10 @@ class ClusterCoordinator:
         await asyncio.gather(*self._background, return_exceptions=True)
         for relay in list(self._relays.values()):
             relay.close()
+        # followers of other nodes' answers: told to come back, not left open with heartbeats
+        closing = ChatError("unavailable", "The server is shutting down; please resume shortly.")
+        for mirror in list(self._mirrors.values()):
+            self._end(mirror, Outcome(status=STATUS_PARTIAL, text=mirror.generation.text, error=closing))
         await self.control.stop()
         await self.redis.aclose()
 
@@ -220,6 +224,12 @@ class ClusterCoordinator:
             error.rate = result
             raise error
         return result
+
+    def abandon(self, held: HeldLock) -> None:
+        """Stop renewing ``held`` without a round trip (its task was cancelled from outside):
+        the session is free again within the lock's TTL."""
+        if self.locks.held.get(held.session_id) is held:
+            del self.locks.held[held.session_id]
 
     async def release(self, held: HeldLock) -> None:
         """Free the session (before the answer's closing frame)."""
@@ -339,8 +349,13 @@ class ClusterCoordinator:
             previous.generation.detach(previous)
             previous.close()
         relay = RelayListener(self, node_id, token, generation)
+        try:
+            generation.attach(relay, generation.length)
+        except ChatError:  # the answer has all the listeners it may have: the follower ends from the store
+            relay.close()
+            self._spawn(self._send_quietly(node_id, {"t": "gone", "r": token}))
+            return
         self._relays[token] = relay
-        generation.attach(relay, generation.length)
 
     # --- follower side ----------------------------------------------------------------
 

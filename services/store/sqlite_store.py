@@ -210,7 +210,10 @@ class SqliteStore(ChatStore):
             return [(job, False, closed) for job in jobs]
         outcomes: list[tuple[_Job, bool, Any]] = []
         try:
-            db.execute("BEGIN")
+            # IMMEDIATE: the write lock first, so SQLite's busy timeout applies when another
+            # process (cluster nodes on one file) holds it; a plain BEGIN that reads (a fence
+            # check) and then writes would fail at once with "database is locked"
+            db.execute("BEGIN IMMEDIATE")
             if len(jobs) == 1:
                 outcome = _call(jobs[0], db)
                 if db.in_transaction:  # SQLite may have rolled it back itself (disk full, I/O error)
