@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from tests.ports import free_port
 
 START_TIMEOUT_S = 10.0
 MISSING = (
@@ -38,11 +39,6 @@ def new_key_prefix() -> str:
     """A key namespace no other test (or test run) uses."""
     return f"{RUN_PREFIX}-{next(_prefix_numbers)}"
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_up(url: str, timeout: float = START_TIMEOUT_S) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -20,15 +19,11 @@ import aiohttp
 import socketio
 
 from tests.fake_upstream import FakeUpstream, Script
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BINARY = REPO / "dist" / "aichat"
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Executable:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SseResponse, http_json, read_sse, read_then_leave, sse_post, streamed_text, url
 from tests.fake_upstream import Script
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SESSIONS = "/api/v2/ai/chat/sessions"
@@ -170,11 +170,6 @@ async def test_metrics_off_means_no_route(make_server):
 
 # --- JSON logs of a real server process ---------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Remote:

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import SseResponse, http_json, read_sse, read_then_leave, sse_post, streamed_text, url
 from tests.fake_upstream import Script
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SLOW_CHUNKS = [f"word{i} " for i in range(30)]
@@ -171,11 +172,6 @@ async def test_socketio_resume_after_a_disconnect(server, upstream, socket_clien
 
 # --- graceful shutdown and crash safety (server as a subprocess) ------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ServerProcess:

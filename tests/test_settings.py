@@ -19,6 +19,7 @@ import pytest
 from server.lifecycle import start_server
 from server.settings import SCHEMA, WELL_KNOWN_ENV, Settings, SettingsError, load_settings
 from tests.conftest import make_settings, sse_post
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # The project's API reference: its settings table and the code cannot drift.
@@ -321,11 +322,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env.update(extra)
     return env
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize("ini, env, key", [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from server.lifecycle import RunningServer
 from services.chat_request import new_id
 from tests.conftest import TEST_SYSTEM_PROMPT, http_json, sse_post, url
 from tests.fake_upstream import Script
+from tests.ports import free_port
 
 CHAT = "/api/v2/ai/chat/stream"
 DEFAULT_ANSWER = "Hello, world!"  # the fake upstream's default Script
@@ -84,12 +84,6 @@ def ci(headers: dict[str, str]) -> CIMultiDict[str]:
     """Header names are case-insensitive (Tornado sends `Ratelimit-Limit`)."""
     return CIMultiDict(headers)
 
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then closed)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --- the stream itself -------------------------------------------------------------------
