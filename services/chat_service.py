@@ -198,11 +198,11 @@ class ChatService:
                 self._check_not_running(request.session_id, user)  # another request may have won the race
                 if not self.accepting:  # shutdown began meanwhile
                     raise ChatError("unavailable", "The server is shutting down; please retry shortly.")
-            owner = context.owner if context is not None else user
             if self.cluster is not None:
                 # busy across nodes: the one lock in Redis decides, whichever node asks; the
                 # same call uses the budget (rate_limited raised there)
-                held = await self.cluster.claim(request.session_id, message_id, owner, user, rate_key, limit)
+                # the owner is the caller: an existing session's owner was checked to be it
+                held = await self.cluster.claim(request.session_id, message_id, user, user, rate_key, limit)
                 self._check_not_running(request.session_id, user)
                 assert held.rate is not None
                 rate = held.rate
