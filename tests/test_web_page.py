@@ -269,6 +269,30 @@ async def test_socketio_transport(make_server, upstream, page):
     assert posts == []
 
 
+async def cut_mid_answer(page: Page, relay: Relay) -> tuple[int, str]:
+    """Once the answer shows 30 characters, drop the browser's connections; the text shown
+    then, and the answer's final text once the page has resumed it."""
+    try:
+        await page.wait_for_function(
+            "sel => (document.querySelector(sel)?.textContent || '').length >= 30", arg=ASSISTANT)
+        before = len(await page.locator(ASSISTANT).text_content() or "")
+        relay.cut()
+        (text,) = await wait_for_answers(page, 1)
+    finally:
+        await relay.stop()
+    return before, text
+
+
+async def assert_resumed_whole(server: RunningServer, page: Page, script: Script, before: int,
+                               text: str) -> list[dict[str, Any]]:
+    """Every word once, in order (nothing lost, nothing repeated), stored complete."""
+    assert text == "".join(script.chunks)
+    assert before < len(text)
+    messages = await stored_messages(server, await current_session(page))
+    assert (messages[-1]["content"], messages[-1]["status"]) == (text, "complete")
+    return messages
+
+
 async def test_a_dropped_connection_is_resumed_from_the_last_id(make_server, upstream, page):
     server = await make_server()
     relay = Relay("127.0.0.1", server.port)  # the browser goes through it; cutting it drops the stream
@@ -277,22 +301,10 @@ async def test_a_dropped_connection_is_resumed_from_the_last_id(make_server, ups
     upstream.default = script
     resumes: list[Request] = []
     page.on("request", lambda r: resumes.append(r) if "/api/v2/ai/chat/stream/" in r.url else None)
-    try:
-        await open_page(page, f"http://127.0.0.1:{relay.port}/")
-        await send(page, "a long answer please")
-        await page.wait_for_function(
-            "sel => (document.querySelector(sel)?.textContent || '').length >= 30", arg=ASSISTANT)
-        before = len(await page.locator(ASSISTANT).text_content() or "")
-        relay.cut()
-        (text,) = await wait_for_answers(page, 1)
-    finally:
-        await relay.stop()
-
-    # every word once, in order: nothing lost, nothing repeated
-    assert text == "".join(script.chunks)
-    assert before < len(text)
-    messages = await stored_messages(server, await current_session(page))
-    assert (messages[-1]["content"], messages[-1]["status"]) == (text, "complete")
+    await open_page(page, f"http://127.0.0.1:{relay.port}/")
+    await send(page, "a long answer please")
+    before, text = await cut_mid_answer(page, relay)
+    messages = await assert_resumed_whole(server, page, script, before, text)
     assert resumes, "the page resumed over GET stream/{messageId}"
     last_event_id = await resumes[0].header_value("last-event-id")
     message_id = messages[-1]["id"]
@@ -312,23 +324,13 @@ async def test_a_dropped_socketio_connection_is_resumed_from_the_last_seq(make_s
     # often leaves by polling, before the upgrade to websocket)
     page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(str(payload))))
     page.on("request", lambda r: sent.extend((r.post_data or "").split("\x1e")) if "/socket.io/" in r.url else None)
-    try:
-        await open_page(page, f"http://127.0.0.1:{relay.port}/")
-        await page.get_by_text("Settings").click()
-        await page.get_by_label("Transport").select_option("socketio")
-        await send(page, "a long answer please")
-        await page.wait_for_function(
-            "sel => (document.querySelector(sel)?.textContent || '').length >= 30", arg=ASSISTANT)
-        before = len(await page.locator(ASSISTANT).text_content() or "")
-        relay.cut()  # socket.io-client reconnects by itself; the page then asks to resume
-        (text,) = await wait_for_answers(page, 1)
-    finally:
-        await relay.stop()
-
-    assert text == "".join(script.chunks)
-    assert before < len(text)
-    messages = await stored_messages(server, await current_session(page))
-    assert (messages[-1]["content"], messages[-1]["status"]) == (text, "complete")
+    await open_page(page, f"http://127.0.0.1:{relay.port}/")
+    await page.get_by_text("Settings").click()
+    await page.get_by_label("Transport").select_option("socketio")
+    await send(page, "a long answer please")
+    # socket.io-client reconnects by itself; the page then asks to resume
+    before, text = await cut_mid_answer(page, relay)
+    messages = await assert_resumed_whole(server, page, script, before, text)
     resumes = [json.loads(frame[frame.index("["):]) for frame in sent if "ai:resume" in frame]
     assert len(resumes) == 1, sent
     name, payload = resumes[0]
