@@ -15,7 +15,10 @@ module level, so two of them in one process (two prefixes, two stores) do not me
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,8 @@ from services.chat_service import ChatService
 from services.host_filter import HostFilter
 from services.metrics import ChatMetrics
 from services.store.base import ChatStore
+
+log = logging.getLogger("aichat.server")
 
 SESSION_ID = r"([^/]+)"
 PREFIX = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*")
@@ -154,11 +159,11 @@ class ChatServer:
         self._stopped = True
         try:
             if self.chat.cluster is not None and self._started:
-                await self.chat.cluster.close()
-            await self.provider.close()
+                await _bounded("leaving the cluster", self.chat.cluster.close())
+            await _bounded("closing the AI provider's connections", self.provider.close())
         finally:
             if self._started:
-                await self.store.close()
+                await self.store.close()  # not bounded: it writes what is queued
 
     def cut_grace(self) -> None:
         """End a running stop()'s grace now: answers still running are cancelled and stored."""
@@ -174,3 +179,15 @@ class ChatServer:
         # never the Redis URL: it may hold a password
         mode = f" | cluster node {cluster.node_id!r}, keys {cluster.key_prefix}:*" if cluster.enabled else ""
         return f"{ai} | store {self.store.description}{mode}"
+
+
+#: a closing step that takes longer is abandoned (logged): a stop must end, and what is
+#: left (sockets to Redis or the upstream) goes with the process
+CLOSE_STEP_SECONDS = 5.0
+
+
+async def _bounded(step: str, closing: Awaitable[None]) -> None:
+    try:
+        await asyncio.wait_for(closing, timeout=CLOSE_STEP_SECONDS)
+    except TimeoutError:
+        log.warning("%s took over %.0fs; left to the process exit", step, CLOSE_STEP_SECONDS)

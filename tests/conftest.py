@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -64,7 +65,26 @@ async def make_server(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[S
 
     yield factory
     for running in started:
-        await running.shutdown(0)
+        await shutdown_or_explain(running)
+
+
+#: a test server's shutdown(0) takes well under a second; past this, something hangs
+SHUTDOWN_WATCHDOG_SECONDS = 30.0
+
+
+async def shutdown_or_explain(running: RunningServer) -> None:
+    """shutdown(0), and if it hangs, fail with every asyncio task's stack (pytest-timeout
+    shows only threads, where a hung coroutine is invisible)."""
+    shutting = asyncio.ensure_future(running.shutdown(0))
+    done, _ = await asyncio.wait({shutting}, timeout=SHUTDOWN_WATCHDOG_SECONDS)
+    if done:
+        shutting.result()
+        return
+    stacks = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(file=stacks)
+    shutting.cancel()
+    pytest.fail(f"server shutdown hung for {SHUTDOWN_WATCHDOG_SECONDS:.0f}s; tasks:\n{stacks.getvalue()}")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, Request, Response, async_playwright
 
 from server.lifecycle import RunningServer, start_server
-from tests.conftest import http_json, make_settings, sse_post, url
+from tests.conftest import http_json, make_settings, shutdown_or_explain, sse_post, url
 from tests.fake_upstream import FakeUpstream, Script
 from tests.tcp_relay import Relay
 
@@ -80,7 +80,7 @@ async def make_server(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[C
 
     yield factory
     for running in started:
-        await running.shutdown(0)
+        await shutdown_or_explain(running)
 
 
 @pytest_asyncio.fixture(loop_scope="module")

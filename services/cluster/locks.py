@@ -190,10 +190,13 @@ class SessionLocks:
         for lock in held:
             keys += (self._keys.lock(lock.session_id), self._keys.message(lock.message_id))
         lost_numbers = await self._renew(keys=keys, args=[self._ttl_ms, *(lock.value for lock in held)])
-        lost = [held[number - 1] for number in lost_numbers]
-        for lock in lost:
+        lost = []
+        for number in lost_numbers:
+            lock = held[number - 1]
+            # a lock released while this call was in flight is gone on purpose, not lost
             if self.held.get(lock.session_id) is lock:
                 del self.held[lock.session_id]
+                lost.append(lock)
         return lost
 
     async def keep_renewed(self) -> None:
