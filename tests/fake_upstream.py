@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import tornado.httpserver
+import tornado.iostream
 import tornado.netutil
 import tornado.web
 
@@ -92,6 +94,12 @@ class _CompletionsHandler(tornado.web.RequestHandler):
                 chunk["usage"] = usage
             return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
+        try:
+            await self._send_chunks(script, body, frame)
+        except tornado.iostream.StreamClosedError:
+            return  # the product hung up (a stop, a cancelled answer): the real API just stops too
+
+    async def _send_chunks(self, script: Script, body: dict[str, Any], frame: Callable[..., bytes]) -> None:
         if script.role_chunk:
             self.write(frame({"role": "assistant", "content": ""}))
             await self.flush()
