@@ -328,8 +328,13 @@ class ChatService:
         if running is not None:
             running.cancel("user")
             await asyncio.wait({running.task} if running.task else set())
-        elif self.cluster is not None:  # an answer on another node stops too (not awaited)
-            await self.cluster.stop_remote(session_id, user)
+        elif self.cluster is not None:
+            # an answer on another node stops too, and is written before the session goes: its
+            # node frees the session after that write (the write of a node that takes longer
+            # updates rows that are gone: it brings nothing back)
+            holder = await self.cluster.stop_remote(session_id, user)
+            if holder is not None and not await self.cluster.wait_released(holder, STORE_FINISH_SECONDS + 1):
+                log.warning("session %s: deleted while another node's answer still held it", session_id)
         await self._store_call(self.store.delete_session(session_id))
 
     async def ready(self) -> bool:

@@ -356,6 +356,27 @@ async def test_stop_from_another_node_on_both_transports(nodes: list[Node], upst
     assert session["messages"][-1]["content"] == streamed_text(watcher.events) == data["response"]
 
 
+async def test_deleting_a_session_on_another_node_waits_for_its_answer_to_end(
+        nodes: list[Node], upstream: ThreadedUpstream) -> None:
+    upstream.answer_with(SLOW, delay=0.05)
+    user = "delete-user"
+    running = SseStream(nodes[0], {"message": "long", "sessionId": "c-delete"}, bearer(user))
+    await running.frames(3)
+    upstream.answer_with(["fresh"])
+    status, _ = await http(nodes[1], "DELETE", "/api/v2/ai/chat/sessions/c-delete", bearer(user))
+    assert status == 204
+    # by the time the delete returned, node 0 had stopped the answer, written it and freed the
+    # session: a new turn in the same session id is not busy, and nothing of the old one is back
+    again = await sse_post(nodes[2], {"message": "start over", "sessionId": "c-delete"},  # type: ignore[arg-type]
+                           headers=bearer(user))
+    assert again.status == 200 and again.content == "fresh", again.events
+    await running.done()
+    assert running.events[-1].get("done") is True and running.events[-1].get("cancelled") is True
+    session = await stored_session(nodes[1], "c-delete", user)
+    assert [m["content"] for m in session["messages"]] == ["start over", "fresh"]
+    assert "session moved on" not in nodes[0].log()
+
+
 async def test_resume_on_other_nodes_is_byte_exact_on_both_transports(
     nodes: list[Node], upstream: ThreadedUpstream, sockets: SocketFactory
 ) -> None:

@@ -16,9 +16,10 @@ from services.cluster.locks import HeldLock, LockHolder, SessionLocks
 from services.cluster.rate_limit import RedisRateLimiter
 from services.cluster.redis_client import ClusterUnavailable, Keys, connect
 from services.rate_limiter import RateLimiter, RateStatus
-from tests.conftest import SseResponse, read_sse, sse_post, url
+from tests.conftest import SseResponse, http_json, read_sse, sse_post, url
 from tests.fake_upstream import Script
 from tests.redis_server import RedisProcess, key_prefix, redis_url  # noqa: F401  (fixtures)
+from tests.test_robustness import SlowStore
 
 
 @pytest.fixture
@@ -208,3 +209,27 @@ async def test_two_servers_in_one_process_are_two_nodes(make_server, upstream, r
     assert not origin.last.get("code") and resumed.events[-1].get("done") is True
     assert resumed.status == 200
     assert resumed.content == origin.content == "one two three four " * 4 + "one two three four"
+
+
+async def test_a_delete_on_another_node_returns_after_the_answer_there_is_written(
+        make_server, upstream, redis_url, key_prefix, tmp_path, caplog):  # noqa: F811
+    cluster = {"cluster__redis_url": redis_url, "cluster__key_prefix": key_prefix}
+    # the generating node takes half a second for its last write of the answer
+    generating = await make_server(store=SlowStore(str(tmp_path / "chat.sqlite3"), finish=0.5), **cluster)
+    deleting = await make_server(**cluster)
+    upstream.queue(Script(chunks=["word "] * 100, delay=0.05), Script(chunks=["fresh"]))
+    frames: list[dict[str, Any]] = []
+    running = asyncio.create_task(sse_post(generating, {"message": "long", "sessionId": "deleted"},
+                                           on_event=lambda event: frames.append(event) or None))
+    async with asyncio.timeout(10):
+        while not frames:
+            await asyncio.sleep(0.01)
+    status, _, _ = await http_json(deleting, "DELETE", "/api/v2/ai/chat/sessions/deleted")
+    assert status == 204
+    # the answer was stopped, written and its session freed before the delete went ahead
+    again = await sse_post(deleting, {"message": "start over", "sessionId": "deleted"})
+    assert again.status == 200 and again.content == "fresh"
+    status, body, _ = await http_json(deleting, "GET", "/api/v2/ai/chat/sessions/deleted")
+    assert [m["content"] for m in body["messages"]] == ["start over", "fresh"]
+    assert (await asyncio.wait_for(running, 5)).last.get("cancelled") is True
+    assert "session moved on" not in caplog.text  # the stopped answer's write was not refused

@@ -44,6 +44,8 @@ MAX_RELAYS = 10_000
 MAX_MIRRORS = 10_000
 #: a release that Redis does not answer in this long is left to the lock's TTL
 RELEASE_SECONDS = 1.0
+#: how often a delete looks whether another node's stopped answer has freed the session
+RELEASE_POLL_SECONDS = 0.02
 
 
 def unavailable(exc: Exception) -> ChatError:
@@ -251,6 +253,22 @@ class ClusterCoordinator:
         except ClusterUnavailable as exc:
             raise unavailable(exc) from None
         return holder
+
+    async def wait_released(self, holder: LockHolder, within_seconds: float) -> bool:
+        """Wait until the answer ``holder`` names has freed its session, which its node does
+        after the answer's last store write; False if that took longer than ``within_seconds``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_seconds
+        try:
+            while True:
+                current = await self.locks.holder(holder.session_id)
+                if current is None or current.message_id != holder.message_id:
+                    return True
+                if loop.time() >= deadline:
+                    return False
+                await asyncio.sleep(RELEASE_POLL_SECONDS)
+        except ClusterUnavailable as exc:
+            raise unavailable(exc) from None
 
     async def follow(self, message_id: str, user: str | None) -> Generation | None:
         """A local mirror of an answer another node generates, or None if no node generates it."""
