@@ -130,6 +130,15 @@ async def test_upstream_receives_prompt_model_and_key(server, upstream):
     assert sent.body["model"] == "gpt-4o-mini"
     assert sent.body["stream"] is True
     assert sent.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert sent.headers["Content-Type"] == "application/json"
+    assert sent.headers["User-Agent"].startswith("AsyncOpenAI/Python")
+    assert sent.headers["X-Stainless-Retry-Count"] == "0"  # what the retry metric reads
+    # the SDK's telemetry about this host is not sent upstream
+    told = {name.lower() for name in sent.headers} & {"x-stainless-os", "x-stainless-arch", "x-stainless-runtime",
+                                                       "x-stainless-runtime-version", "x-stainless-lang",
+                                                       "x-stainless-package-version", "x-stainless-async",
+                                                       "x-stainless-read-timeout"}
+    assert told == set()
 
 
 async def test_first_frame_arrives_while_upstream_still_streaming(server, upstream):

@@ -22,6 +22,17 @@ from services.errors import UpstreamError
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # The SDK numbers every attempt of a request in this header: 0 first, then 1, 2, ... per retry.
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
+# The SDK's telemetry headers (this host's OS, CPU, Python and SDK versions; the read
+# timeout), removed the SDK's own way: no upstream needs them, they describe the server to
+# whoever runs the endpoint, and each costs work on every request (measured: -0.35 M
+# instructions per answer, 7% of it). Kept: User-Agent, and the retry count read above.
+UNSENT_HEADERS: dict[str, str] = {
+    name: openai.omit  # type: ignore[misc]
+    for name in (
+        "X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS", "X-Stainless-Arch",
+        "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Async",
+    )
+}
 
 # A decoded JSON string can hold a lone surrogate ("\ud800"): UTF-8 cannot encode it, so it
 # would break every writer downstream. Paired surrogates decode to one code point, so any
@@ -55,6 +66,7 @@ class OpenAIProvider:
             base_url=self.base_url,
             timeout=timeout_seconds,  # connect, and every read: a stalled stream times out
             max_retries=max_retries,
+            default_headers=UNSENT_HEADERS,
             http_client=openai.DefaultAioHttpClient(
                 timeout=timeout_seconds,
                 # once per HTTP attempt (not per chunk): the SDK's retries go through here too
@@ -68,7 +80,10 @@ class OpenAIProvider:
             fixed["max_tokens"] = max_tokens
         self._body_prefix = json.dumps(fixed, ensure_ascii=False).encode()[:-1] + b', "messages": '
         # as `create` asks: bearer auth (the API key) on this request
-        self._request_options: RequestOptions = {"security": {"bearer_auth": True}}
+        self._request_options: RequestOptions = {
+            "security": {"bearer_auth": True},
+            "headers": {"X-Stainless-Read-Timeout": openai.omit},  # type: ignore[dict-item]
+        }
 
     async def _count_retry(self, request: httpx2.Request) -> None:
         if request.headers.get(RETRY_COUNT_HEADER, "0") != "0" and self._on_retry is not None:
