@@ -74,6 +74,10 @@ class OpenAIProvider:
             ),
         )
         self._on_retry = on_retry
+        # joined onto base_url once, as the SDK joins a relative path (raw path + path), and
+        # absolute: the SDK then takes it as it is instead of joining it again per request
+        base = self._client.base_url
+        self._completions_url = str(base.copy_with(raw_path=base.raw_path + b"chat/completions"))
         # what `chat.completions.create` would send besides the messages, encoded once
         fixed: dict[str, object] = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
         if max_tokens is not None:
@@ -101,7 +105,7 @@ class OpenAIProvider:
             # around a prefix encoded once; with `cast_to=httpx2.Response` the SDK hands back
             # the raw streaming response, read line by line below.
             response = await self._client.post(
-                "/chat/completions",
+                self._completions_url,
                 cast_to=httpx2.Response,
                 content=self._body_prefix + json.dumps(messages, ensure_ascii=False).encode() + b"}",
                 options=self._request_options,
