@@ -42,6 +42,8 @@ class Script:
     role_chunk: bool = True
     #: omit `data: [DONE]` and the finish_reason (a truncated stream)
     truncate: bool = False
+    #: send exactly these bytes as the body instead, each piece flushed on its own after `delay`
+    raw: list[bytes] | None = None
 
 
 @dataclass
@@ -100,6 +102,13 @@ class _CompletionsHandler(tornado.web.RequestHandler):
             return  # the product hung up (a stop, a cancelled answer): the real API just stops too
 
     async def _send_chunks(self, script: Script, body: dict[str, Any], frame: Callable[..., bytes]) -> None:
+        if script.raw is not None:
+            for piece in script.raw:
+                await asyncio.sleep(script.delay)
+                self.write(piece)
+                await self.flush()
+            self.finish()
+            return
         if script.role_chunk:
             self.write(frame({"role": "assistant", "content": ""}))
             await self.flush()

@@ -141,6 +141,23 @@ async def test_upstream_receives_prompt_model_and_key(server, upstream):
     assert told == set()
 
 
+async def test_upstream_stream_read_whatever_its_line_ends_and_read_boundaries(server, upstream):
+    def event(text: str) -> bytes:
+        return b'data: {"choices": [{"index": 0, "delta": {"content": "' + text.encode() + b'"}}]}'
+    body = (b": keep-alive comment\r\n\r\n" + event("Ünï") + b"\r\n\r\n" + event("cödé") + b"\n\n"
+            + event("bad \\u00e9") + b"\r\r" + b'data: {"choices": [{"index": 0, "delta": {"content": "x\xff"}}]}\n\n'
+            + b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\r\n\r\ndata: [DONE]\r\n')
+    # cut everywhere that matters: inside a CRLF, inside a two-byte character, inside "data:"
+    cuts = sorted({body.index(b"\r\n") + 1, body.index("Ü".encode()) + 1, body.index("é".encode()) + 1,
+                   body.index(b"data:", 40) + 3, body.index(b"\r\r") + 1, len(body) - 3})
+    pieces = [body[start:end] for start, end in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    upstream.queue(Script(raw=pieces, delay=0.02))
+    result = await sse_post(server, {"message": "hi"})
+    assert result.status == 200 and result.last.get("done") is True, result.events
+    # invalid UTF-8 from upstream becomes U+FFFD, the rest of the answer is kept
+    assert result.content == "Ünïcödébad éx\ufffd"
+
+
 async def test_first_frame_arrives_while_upstream_still_streaming(server, upstream):
     upstream.queue(Script(chunks=["one ", "two ", "three ", "four ", "five"], delay=0.3))
     arrivals: list[tuple[float, dict[str, Any]]] = []

@@ -113,14 +113,15 @@ class OpenAIProvider:
             )
             try:
                 finished = False
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                async for line in _lines(response.aiter_bytes()):
+                    if not line.startswith(b"data:"):
                         continue  # blank separators, comments, `event:` lines
                     data = line[5:].strip()
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
                         finished = True
                         break
-                    chunk = json.loads(data)
+                    # invalid UTF-8 becomes U+FFFD, as a text decoder would make it
+                    chunk = json.loads(data.decode("utf-8", "replace"))
                     if "error" in chunk:
                         raise UpstreamError("upstream_error", f"error in stream: {chunk['error']!r}"[:500])
                     choices = chunk.get("choices")
@@ -157,6 +158,22 @@ class OpenAIProvider:
             raise UpstreamError("upstream_error", f"{type(exc).__name__}: {exc}") from exc
         except (ValueError, AttributeError, TypeError) as exc:
             raise UpstreamError("upstream_error", f"malformed stream data: {exc}") from exc
+
+
+async def _lines(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The lines of an event stream, without their ends (CRLF, LF or CR, as SSE allows). One
+    decoding step instead of httpx's text and line decoders; a CRLF split between two reads
+    gives one extra empty line, which the stream's reader skips like any separator."""
+    pending = b""
+    async for data in body:
+        if pending:
+            data = pending + data
+        lines = data.splitlines()
+        pending = b"" if not lines or data.endswith((b"\n", b"\r")) else lines.pop()
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
 
 
 def _timed_out(exc: BaseException) -> bool:
