@@ -4,6 +4,7 @@
     python -m bench.answer_cost --concurrency 50      # the same with 50 clients (group commit shows)
     python -m bench.answer_cost --cprofile out.prof   # and a cProfile of the product's event loop
     python -m bench.answer_cost --product-root DIR    # another checkout of the product (A/B)
+    python -m bench.answer_cost --cluster redis://127.0.0.1:6399/0   # the product in cluster mode
 
 Same processes and pinning as `bench.run` (fake upstream, the product with auth, limiter and
 SQLite on, the bare relay). Each repeat measures the relay and then the product on the same
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callgrind", action="store_true",
                         help="run the product under callgrind: instructions per answer (deterministic, slow)")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--cluster", metavar="REDIS_URL", default="",
+                        help="run the product in cluster mode on this Redis (compare with a run without)")
     args = parser.parse_args(argv)
 
     bench_run.PRODUCT_ROOT[0] = args.product_root.resolve()
@@ -105,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.callgrind:
             command = under_callgrind("product", "run.py")
+        cluster_env = {"AICHAT_CLUSTER_REDIS_URL": args.cluster} if args.cluster else None
         product = bench_run.start_product(workdir, upstream_url, command=command,
-                                          start_timeout=600 if args.callgrind else 30)
+                                          start_timeout=600 if args.callgrind else 30, extra_env=cluster_env)
         servers.append(product)
         relay = None
         if not args.no_relay:
