@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -458,6 +459,25 @@ async def test_kill_9_of_the_generating_node(tmp_path: Path, upstream: ThreadedU
         other.stop()
 
 
+def pause_outside_a_write(node: Node, database: Path) -> None:
+    """SIGSTOP the node, but not in the middle of one of its SQLite transactions (it checkpoints
+    every 0.2 s): a node frozen holding the file's write lock would stall every other node's
+    writes until it resumes, which is not what the test is about."""
+    for _ in range(50):
+        node.process.send_signal(signal.SIGSTOP)
+        probe = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:  # stopped inside a write: let it finish, and try again
+            node.process.send_signal(signal.SIGCONT)
+            time.sleep(0.005)
+        finally:
+            probe.close()
+    raise AssertionError("the node was inside a write at every attempt")
+
+
 async def test_a_node_paused_past_the_ttl_does_not_store_over_the_newer_answer(
     tmp_path: Path, upstream: ThreadedUpstream, redis_url: str  # noqa: F811
 ) -> None:
@@ -467,7 +487,7 @@ async def test_a_node_paused_past_the_ttl_does_not_store_over_the_newer_answer(
         origin = SseStream(paused, {"message": "first", "sessionId": "c-pause"})
         await origin.frames(3)
         await asyncio.sleep(0.4)  # a checkpoint
-        paused.process.send_signal(signal.SIGSTOP)
+        pause_outside_a_write(paused, tmp_path / "chat.sqlite3")
         await asyncio.sleep(2.5)  # past the 1 s TTL: the session is free for another node
         upstream.answer_with(FAST)
         newer = await sse_post(other, {"message": "second", "sessionId": "c-pause"})  # type: ignore[arg-type]
