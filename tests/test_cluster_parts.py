@@ -186,18 +186,23 @@ async def test_control_channel_subscribes_again_after_redis_restarts(key_prefix:
     assert got[0] == {"t": "back"}
 
 
+async def streaming(server: Any, payload: dict[str, Any]) -> tuple[asyncio.Task[SseResponse], list[dict[str, Any]]]:
+    """An SSE chat read in the background, returned once its first frame arrived."""
+    frames: list[dict[str, Any]] = []
+    running = asyncio.create_task(sse_post(server, payload, on_event=lambda event: frames.append(event) or None))
+    async with asyncio.timeout(10):
+        while not frames:
+            await asyncio.sleep(0.01)
+    return running, frames
+
+
 async def test_two_servers_in_one_process_are_two_nodes(make_server, upstream, redis_url, key_prefix):  # noqa: F811
     # same settings, so the same default node id (host:pid): each still gets its own channel
     cluster = {"cluster__redis_url": redis_url, "cluster__key_prefix": key_prefix, "cluster__lock_ttl_seconds": 1}
     first, second = await make_server(**cluster), await make_server(**cluster)
     upstream.queue(Script(chunks=["one ", "two ", "three ", "four "] * 4 + ["one ", "two ", "three ", "four"],
                           delay=0.05))
-    frames: list[dict[str, Any]] = []
-    running = asyncio.create_task(sse_post(first, {"message": "hi", "sessionId": "two-servers"},
-                                           on_event=lambda event: frames.append(event) or None))
-    async with asyncio.timeout(10):
-        while not frames:
-            await asyncio.sleep(0.01)
+    running, frames = await streaming(first, {"message": "hi", "sessionId": "two-servers"})
     busy = await sse_post(second, {"message": "again", "sessionId": "two-servers"})
     assert busy.status == 409
     resumed = SseResponse(0, {})
@@ -218,12 +223,7 @@ async def test_a_delete_on_another_node_returns_after_the_answer_there_is_writte
     generating = await make_server(store=SlowStore(str(tmp_path / "chat.sqlite3"), finish=0.5), **cluster)
     deleting = await make_server(**cluster)
     upstream.queue(Script(chunks=["word "] * 100, delay=0.05), Script(chunks=["fresh"]))
-    frames: list[dict[str, Any]] = []
-    running = asyncio.create_task(sse_post(generating, {"message": "long", "sessionId": "deleted"},
-                                           on_event=lambda event: frames.append(event) or None))
-    async with asyncio.timeout(10):
-        while not frames:
-            await asyncio.sleep(0.01)
+    running, _ = await streaming(generating, {"message": "long", "sessionId": "deleted"})
     status, _, _ = await http_json(deleting, "DELETE", "/api/v2/ai/chat/sessions/deleted")
     assert status == 204
     # the answer was stopped, written and its session freed before the delete went ahead
