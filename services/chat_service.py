@@ -124,7 +124,7 @@ class ChatService:
         self._by_message: dict[str, Generation] = {}
         self.cluster = cluster
         if cluster is not None:
-            cluster.bind(self._by_session, self._by_message)
+            cluster.bind(self._by_session, self._by_message, self.detach)
 
     # --- identity -------------------------------------------------------------------
 

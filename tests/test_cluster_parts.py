@@ -233,3 +233,34 @@ async def test_a_delete_on_another_node_returns_after_the_answer_there_is_writte
     assert [m["content"] for m in body["messages"]] == ["start over", "fresh"]
     assert (await asyncio.wait_for(running, 5)).last.get("cancelled") is True
     assert "session moved on" not in caplog.text  # the stopped answer's write was not refused
+
+
+async def test_under_cancel_the_last_listener_leaving_from_another_node_stops_the_answer(
+        make_server, upstream, redis_url, key_prefix):  # noqa: F811
+    cluster = {"cluster__redis_url": redis_url, "cluster__key_prefix": key_prefix,
+               "ai__on_client_disconnect": "cancel"}
+    generating, following = await make_server(**cluster), await make_server(**cluster)
+    upstream.queue(Script(chunks=["word "] * 200, delay=0.02))
+    origin, frames = await streaming(generating, {"message": "long", "sessionId": "left-everywhere"})
+    message_id = frames[0]["messageId"]
+    follower_frames: list[dict[str, Any]] = []
+
+    async def follow() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url(following, f"/api/v2/ai/chat/stream/{message_id}")) as response:
+                await read_sse(response, SseResponse(response.status, {}), follower_frames.append)
+
+    follower = asyncio.create_task(follow())
+    async with asyncio.timeout(10):
+        while not follower_frames:
+            await asyncio.sleep(0.01)
+    origin.cancel()  # the client on the generating node goes; the follower still listens
+    await asyncio.sleep(0.3)
+    follower.cancel()  # and now the last one, on the other node
+    async with asyncio.timeout(10):
+        while generating.app.chat.active_count:
+            await asyncio.sleep(0.05)
+    _, body, _ = await http_json(generating, "GET", "/api/v2/ai/chat/sessions/left-everywhere")
+    answer = body["messages"][-1]
+    # stopped when nobody listened any more, not run to its end (200 chunks, 4 s)
+    assert answer["status"] == "partial" and 0 < len(answer["content"]) < len("word " * 200), answer

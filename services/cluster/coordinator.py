@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,7 +30,7 @@ from services.cluster.locks import HeldLock, LockHolder, SessionLocks
 from services.cluster.rate_limit import RedisRateLimiter
 from services.cluster.redis_client import REDIS_FAILURES, ClusterUnavailable, Keys
 from services.errors import ChatError
-from services.generation import Generation, Outcome
+from services.generation import Generation, GenerationListener, Outcome
 from services.rate_limiter import RateStatus
 from services.store.base import STATUS_PARTIAL, ChatStore, StoreError
 
@@ -154,16 +155,25 @@ class ClusterCoordinator:
         # this node's running answers, shared with (owned by) the chat service
         self._by_session: dict[str, Generation] = {}
         self._by_message: dict[str, Generation] = {}
+        self._detach: Callable[[Generation, GenerationListener], object] = Generation.detach
         self._relays: dict[str, RelayListener] = {}
         self._mirrors: dict[str, Mirror] = {}
         self._mirrors_by_message: dict[str, Mirror] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
 
-    def bind(self, by_session: dict[str, Generation], by_message: dict[str, Generation]) -> None:
-        """The chat service's registry of this node's running answers."""
+    def bind(
+        self,
+        by_session: dict[str, Generation],
+        by_message: dict[str, Generation],
+        detach: Callable[[Generation, GenerationListener], object],
+    ) -> None:
+        """The chat service's registry of this node's running answers, and its way of letting a
+        listener go (which applies `on_client_disconnect`): a follower on another node that
+        leaves is a client that leaves."""
         self._by_session = by_session
         self._by_message = by_message
+        self._detach = detach
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -349,8 +359,8 @@ class ClusterCoordinator:
         elif kind == "unfollow":
             relay = self._relays.pop(str(message.get("r")), None)
             if relay is not None:
-                relay.generation.detach(relay)
                 relay.close()
+                self._detach(relay.generation, relay)
         elif kind == "gone":
             mirror = self._mirrors.get(str(message.get("r")))
             if mirror is not None:
